@@ -1,0 +1,1 @@
+"""medssl-scale: SimCLR and MICLe pretraining of medical imaging models at cluster scale."""
