@@ -99,9 +99,17 @@ def _sample_json(sample: dict, kept: list[tuple[dict, object]]) -> dict:
             "split": sample["split"], "bag": sample["bag"], "bags": sample["bags"], "images": images}
 
 
+def _remove_stale_temporaries(out: Location, split: str, name: str) -> None:
+    """A run killed mid-write leaves `.shard-N.tar.tmp-*` behind; only this shard's owner removes them."""
+    if not out.is_object_store:
+        for path in out.fs.glob(out.path(split, f".{name}.*.tmp-*")):
+            out.fs.rm(path)
+
+
 def _write_shard(out: Location, shard: dict, results: Iterator) -> dict:
     """Write one shard from its samples and their encoded images (in plan order); returns its stats."""
     split, name = shard["split"], shard["name"]
+    _remove_stale_temporaries(out, split, name)
     written, skipped, images = [], [], 0
     with out.atomic_open(*layout.shard_tar(split, name)) as f:
         writer = TarShardWriter(f)
