@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -14,6 +16,11 @@ from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from sharding.errors import ImageError
+
+# A malformed file's problem is reported once, as the image's skip reason; pydicom's own per-file
+# warnings and log lines would only bury the build's progress and summary.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 # (DICOM keyword, meta key); values are stripped strings or ints, and absent/empty ones are omitted.
 _KEPT_TAGS = (

@@ -8,7 +8,6 @@ import json
 import tarfile
 
 from .manifest import load_manifest
-from .storage import Location
 from .tarwriter import DALI_INDEX_VERSION
 
 
