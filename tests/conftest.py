@@ -1,0 +1,11 @@
+"""Shared pytest configuration: loads the real-service fixtures from tests/services.py."""
+import sys
+from pathlib import Path
+
+# tests/ has no __init__.py; put it on sys.path ourselves so `services` imports under any
+# --import-mode (prepend mode would do it, importlib mode would not).
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+pytest_plugins = ["services"]
