@@ -16,12 +16,12 @@ from . import __version__, layout
 from .errors import RunError
 from .manifest import write_manifest
 from .options import BuildOptions
-from .plan import make_plan
+from .plan import encode_settings, make_plan
 from .progress import ImageProgress
 from .sources import enumerate_source
 from .storage import Location
 from .tarwriter import TarShardWriter
-from .worker import process
+from .worker import EncodeSettings, configure, process
 
 
 def _dumps(obj) -> bytes:
@@ -111,7 +111,7 @@ def _write_shard(out: Location, shard: dict, results: Iterator) -> dict:
     split, name = shard["split"], shard["name"]
     _remove_stale_temporaries(out, split, name)
     written, skipped, images = [], [], 0
-    with out.atomic_open(*layout.shard_tar(split, name)) as f:
+    with out.atomic_open(*layout.shard_tar(split, name), durable=True) as f:
         writer = TarShardWriter(f)
         for sample in shard["samples"]:
             kept = []
@@ -140,13 +140,24 @@ def _write_shard(out: Location, shard: dict, results: Iterator) -> dict:
     return stats
 
 
-def _results(items: list, workers: int) -> Iterable:
-    if workers == 1 or len(items) < 2:
-        yield from map(process, items)
-        return
-    # spawn, not fork: fsspec filesystems (s3fs event loops, sockets) are not safe across a fork.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(items))) as pool:
-        yield from pool.imap(process, items, chunksize=4)
+class _Encoder:
+    """Encodes images in order, in a pool of worker processes (or in-process for one worker)."""
+
+    def __init__(self, settings: EncodeSettings, workers: int, items: int):
+        self._pool = None
+        configure(settings)
+        if workers > 1 and items > 1:
+            # fork starts instantly; spawn is needed when fsspec may hold event loops and sockets
+            # (s3fs, gcsfs), which are not safe across a fork.
+            ctx = multiprocessing.get_context("fork" if Location(settings.source_url).is_local else "spawn")
+            self._pool = ctx.Pool(min(workers, items), initializer=configure, initargs=(settings,))
+
+    def map(self, items: list) -> Iterable:
+        return map(process, items) if self._pool is None else self._pool.imap(process, items, chunksize=16)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
 
 
 def build(opts: BuildOptions, show_progress: bool = True, log=lambda msg: None) -> dict | None:
@@ -157,15 +168,19 @@ def build(opts: BuildOptions, show_progress: bool = True, log=lambda msg: None) 
     plan = _plan(opts, out, log)
     mine = [s for j, s in enumerate(plan["shards"]) if j % opts.num_tasks == opts.task_index]
     todo = [s for s in mine if not out.exists(*layout.shard_stats(s["split"], s["name"]))]
-    items = [(opts.source, rec["source"], opts.max_side, opts.jpeg_quality)
-             for shard in todo for sample in shard["samples"] for rec in sample["images"]]
+    items = [rec["source"] for shard in todo for sample in shard["samples"] for rec in sample["images"]]
     log(f"{len(plan['shards'])} shards planned, {len(mine)} for this task, {len(todo)} to write "
         f"({len(items)} images, {opts.workers} workers)")
     started = time.perf_counter()
-    with ImageProgress(len(items), enabled=show_progress) as progress:
-        results = progress.track(_results(items, opts.workers))
-        for shard in todo:
-            _write_shard(out, shard, results)
+    # The pool starts before the progress bar, whose refresh thread must not be forked.
+    encoder = _Encoder(encode_settings(opts), opts.workers, len(items))
+    try:
+        with ImageProgress(len(items), enabled=show_progress) as progress:
+            results = progress.track(encoder.map(items))
+            for shard in todo:
+                _write_shard(out, shard, results)
+    finally:
+        encoder.close()
     log(f"wrote {len(todo)} shards in {time.perf_counter() - started:.1f} s")
     missing = [s for s in plan["shards"] if not out.exists(*layout.shard_stats(s["split"], s["name"]))]
     if missing:

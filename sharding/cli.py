@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--splits", default="train=0.9,val=0.05,test=0.05", help="patient-level split fractions")
     b.add_argument("--seed", type=int, default=0, help="seed of the split and order hashes [0]")
     b.add_argument("--max-side", type=int, default=512, help="resize so the long side is at most N; 0 keeps bytes [512]")
+    b.add_argument("--check-decode", action="store_true",
+                   help="with --max-side 0, decode every image to prove it is intact (resized images always are)")
     b.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEGs [95]")
     b.add_argument("--shard-size", default="512MB", help="target shard size, e.g. 512MB, 1GiB [512MB]")
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes [all cores]")
@@ -69,7 +71,7 @@ def _build_options(a: argparse.Namespace) -> BuildOptions:
         label_cols=[c.strip() for c in a.label_cols.split(",") if c.strip()], split_col=a.split_col,
         patient_regex=a.patient_regex, class_from_folder=a.class_from_folder,
         images_per_sample=a.images_per_sample, splits=parse_splits(a.splits), seed=a.seed, max_side=a.max_side,
-        jpeg_quality=a.jpeg_quality, shard_size=parse_size(a.shard_size), workers=a.workers,
+        jpeg_quality=a.jpeg_quality, check_decode=a.check_decode, shard_size=parse_size(a.shard_size), workers=a.workers,
         task_index=a.task_index, num_tasks=a.num_tasks,
     ).validate()
 

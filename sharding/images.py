@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import dicom
 from .errors import ImageError
+from .probe import probe
 
 # A decompression bomb is a bad input like any other: refuse it as one image, do not crash the run.
 Image.MAX_IMAGE_PIXELS = 30000 * 30000
@@ -110,22 +110,25 @@ def _decode(data: bytes, max_side: int) -> tuple[bool, Image.Image]:
         raise ImageError(f"undecodable image: {str(e).splitlines()[0][:120]}") from None
 
 
-def _validate_only(data: bytes) -> Image.Image:
-    """Copy mode: prove the stream decodes without paying for a full-size decode."""
+def _validate_only(data: bytes) -> None:
+    """Copy mode with --check-decode: prove the stream decodes (at 1/8 scale for JPEG, which still
+    walks every entropy-coded byte but skips most of the inverse DCT)."""
     try:
         img = Image.open(io.BytesIO(data))
         if img.format == "JPEG":
             img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
         img.load()
-        return img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"undecodable image: {str(e).splitlines()[0][:120]}") from None
 
 
-def encode_image(data: bytes, name: str, max_side: int, jpeg_quality: int = 95) -> EncodedImage:
+def encode_image(data: bytes, name: str, max_side: int, jpeg_quality: int = 95,
+                 check_decode: bool = False) -> EncodedImage:
     """Turn source bytes into stored bytes.
 
-    max_side == 0 keeps JPEG/PNG bytes untouched (after checking they decode); otherwise the long side is
+    max_side == 0 keeps 8-bit grayscale or RGB JPEG/PNG bytes untouched (EXIF orientation is not
+    applied) after checking their headers and end marker (and, with check_decode, that the whole stream
+    decodes); other modes are converted. Otherwise the image is decoded and its long side
     brought down to max_side (never up). JPEG stays JPEG, everything else is stored as lossless PNG.
     DICOM is always converted (modality and VOI LUT to 8 bits) since no training decoder reads it.
     Raises ImageError for anything that is not a usable image.
@@ -137,9 +140,11 @@ def encode_image(data: bytes, name: str, max_side: int, jpeg_quality: int = 95) 
         kind = "jpg" if data.startswith(JPEG_MAGIC) else "png"
         _check_complete(data, kind)
         if max_side == 0:
-            img = _validate_only(data)
-            if img.mode in ("L", "RGB") and img.getexif().get(0x0112, 1) == 1:
-                return EncodedImage(data, kind, img.width, img.height, img.mode, source_sha, None)
+            head = probe(data, kind)
+            if head.mode is not None:
+                if check_decode:
+                    _validate_only(data)
+                return EncodedImage(data, kind, head.width, head.height, head.mode, source_sha, None)
         keep_bytes, img = _decode(data, max_side)
         pixel_sha = _pixel_hash(img)
         if keep_bytes:
@@ -147,6 +152,8 @@ def encode_image(data: bytes, name: str, max_side: int, jpeg_quality: int = 95) 
         out = _resize(img, max_side)
         return EncodedImage(_encode(out, kind, jpeg_quality), kind, out.width, out.height, out.mode,
                             source_sha, pixel_sha)
+    from . import dicom  # pydicom costs 0.3 s to import: only where DICOM really occurs
+
     if dicom.is_dicom(data, name):
         img, meta = dicom.dicom_to_image(data)
         img = _to_storable_mode(img)

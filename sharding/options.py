@@ -71,6 +71,7 @@ class BuildOptions:
     seed: int = 0
     max_side: int = 512
     jpeg_quality: int = 95
+    check_decode: bool = False  # --max-side 0: also decode every image, not only its structure
     shard_size: int = 512 * 10**6
     # How the work is spread; these never change a single output byte.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)

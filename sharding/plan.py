@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from dataclasses import asdict
 
 from .errors import RunError
 from .options import BuildOptions, check_split_name
 from .sources import Record, Skip
-from .worker import process
+from .worker import EncodeSettings, configure, process
 
 TAR_BLOCK = 512
 _CALIBRATION_IMAGES = 32
@@ -95,6 +94,10 @@ def _estimated_bytes(rec: Record, ratio: float) -> int:
     return TAR_BLOCK + -(-est // TAR_BLOCK) * TAR_BLOCK
 
 
+def encode_settings(opts: BuildOptions) -> EncodeSettings:
+    return EncodeSettings(opts.source, opts.max_side, opts.jpeg_quality, opts.check_decode)
+
+
 def calibrate(records: list[Record], opts: BuildOptions) -> float:
     """Stored bytes per source byte, measured on a fixed, evenly spread handful of images.
 
@@ -104,8 +107,9 @@ def calibrate(records: list[Record], opts: BuildOptions) -> float:
     """
     step = max(1, len(records) // _CALIBRATION_IMAGES)
     src = out = 0
+    configure(encode_settings(opts))
     for rec in records[::step][:_CALIBRATION_IMAGES]:
-        result = process((opts.source, rec.source, opts.max_side, opts.jpeg_quality))
+        result = process(rec.source)
         if not isinstance(result, str):
             src += rec.size
             out += len(result.data)
@@ -139,7 +143,7 @@ def make_plan(records: list[Record], skips: list[Skip], opts: BuildOptions) -> d
             shard["estimated_bytes"] += size
             shard["samples"].append({
                 "key": sample_key(pid, bag_index), "patient_id": pid, "split": split,
-                "bag": bag_index, "bags": len(bags), "images": [asdict(r) for r in bag],
+                "bag": bag_index, "bags": len(bags), "images": [r.as_json() for r in bag],
             })
     return {"split_names": split_names, "shards": shards, "duplicates": duplicates,
             "skipped": [s.as_json() for s in skips], "bytes_ratio": ratio}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
-from . import dicom
 from .errors import ImageError, RunError
 from .options import BuildOptions
 from .storage import Location
@@ -30,9 +31,10 @@ class Record:
     split: str | None = None        # from --split-col, else assigned by hash later
     dicom: dict | None = None       # header tags read while planning (DICOM only)
 
-    @property
-    def ref(self) -> dict:
-        return {"source": self.source, **({"row": self.row} if self.row is not None else {})}
+    def as_json(self) -> dict:
+        # By hand: dataclasses.asdict deep-copies and was a tenth of a large build's planning time.
+        return {"source": self.source, "size": self.size, "patient_id": self.patient_id, "labels": self.labels,
+                "row": self.row, "split": self.split, "dicom": self.dicom}
 
 
 @dataclass
@@ -47,18 +49,39 @@ class Skip:
         return {"source": self.source, "reason": self.reason, **({"row": self.row} if self.row is not None else {})}
 
 
+def _walk_local(root: str) -> Iterator[tuple[str, int]]:
+    """(relative path, size) below a local folder; os.scandir is ~10x cheaper than fsspec's find here."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if entry.is_dir():
+                    stack.append(rel)
+                elif entry.is_file():
+                    yield rel, entry.stat().st_size
+
+
+def _walk_remote(loc: Location) -> Iterator[tuple[str, int]]:
+    prefix = loc.root.rstrip("/") + "/"
+    for path, info in loc.fs.find(loc.root, detail=True).items():
+        rel = path[len(prefix):] if path.startswith(prefix) else posixpath.relpath(path, loc.root)
+        if not any(part.startswith(".") for part in rel.split("/")):
+            yield rel, int(info.get("size") or 0)
+
+
 def _list_files(loc: Location, exclude: str | None) -> dict[str, int]:
     """Every file below SOURCE as {relative posix path: size}; hidden files and folders are left out."""
     if not loc.fs.isdir(loc.root):
         raise RunError(f"SOURCE {loc.url} is not a folder (or does not exist)")
     files = {}
-    for path, info in loc.fs.find(loc.root, detail=True).items():
-        rel = posixpath.relpath(path, loc.root)
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
+    for rel, size in (_walk_local(loc.root) if loc.is_local else _walk_remote(loc)):
         if exclude and (rel == exclude or rel.startswith(exclude + "/")):
             continue
-        files[rel] = int(info.get("size") or 0)
+        files[rel] = size
     return files
 
 
@@ -73,11 +96,15 @@ def _normalize(path: str) -> str | None:
 
 
 def _dicom_header(loc: Location, rel: str) -> dict:
+    from . import dicom
+
     with loc.fs.open(loc.path(rel), "rb") as f:
         return dicom.read_dicom_header(f)
 
 
 def _looks_like_dicom(loc: Location, rel: str) -> bool:
+    from . import dicom
+
     with loc.fs.open(loc.path(rel), "rb") as f:
         return dicom.is_dicom(f.read(132), rel)
 

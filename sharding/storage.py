@@ -45,10 +45,12 @@ class Location:
             self.fs.makedirs(self.path(*parts), exist_ok=True)
 
     @contextlib.contextmanager
-    def atomic_open(self, *parts: str) -> Iterator:
+    def atomic_open(self, *parts: str, durable: bool = False) -> Iterator:
         """Open a file for writing that appears under its final name only once fully written.
 
         A process killed mid-write (kill -9) leaves at most a temporary file, never a partial final one.
+        `durable` also flushes it to disk before the rename, so a power loss cannot leave a named but
+        empty file; worth its cost for shards, not for the small files written after them.
         """
         final = self.path(*parts)
         parent = posixpath.dirname(final)
@@ -61,7 +63,7 @@ class Location:
         try:
             with self.fs.open(tmp, "wb") as f:
                 yield f
-                if self.is_local:
+                if durable and self.is_local:
                     f.flush()
                     os.fsync(f.fileno())
             self.fs.mv(tmp, final)

@@ -3,66 +3,72 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 
 # DALI's webdataset reader index format (the one its `wds2idx` tool writes): a header line
 # "v1.2 <samples>", then one line per sample of "<ext> <data offset> <size> <member name>" per member.
 DALI_INDEX_VERSION = "v1.2"
+BLOCK = 512
+RECORD = 20 * BLOCK  # tar archives end padded to a whole record, as tarfile and GNU tar write them
 
 
-class _CountingHashWriter:
-    """File wrapper that hashes and counts every byte on its way to the real file."""
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte POSIX ustar header of a regular file with every variable field fixed.
 
-    def __init__(self, raw):
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.pos = 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.raw.write(data)
-        self.pos += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.pos
+    Byte-identical to what Python's tarfile writes (USTAR_FORMAT, mode 0o444, uid/gid 0, mtime 0, no
+    owner names), which the tests check; built by hand because tarfile's generic path costs more
+    per member than the rest of a build's main process.
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name {name!r} is longer than 100 bytes")
+    header = bytearray(
+        encoded.ljust(100, b"\0")
+        + b"0000444\0" + b"0000000\0" + b"0000000\0"     # mode, uid, gid
+        + b"%011o\0" % size + b"00000000000\0"            # size, mtime
+        + b" " * 8 + b"0" + b"\0" * 100                   # checksum placeholder, type (regular), link name
+        + b"ustar\x0000" + b"\0" * 64                     # magic and version, owner and group names
+        + b"\0" * 16 + b"\0" * 155                         # device numbers (none), name prefix
+    ).ljust(BLOCK, b"\0")
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
 
 
 class TarShardWriter:
-    """Writes samples (a key plus members `key.ext`) into one tar, byte-for-byte reproducibly.
-
-    Every header field that could vary between machines or runs (mtime, owner, permissions) is fixed,
-    so the same samples always give the same bytes and the same sha256.
-    """
+    """Writes samples (a key plus members `key.ext`) into one tar, byte-for-byte reproducibly."""
 
     def __init__(self, fileobj):
-        self._out = _CountingHashWriter(fileobj)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.USTAR_FORMAT)
+        self._raw = fileobj
+        self._sha = hashlib.sha256()
+        self._pos = 0
         self._index_lines: list[str] = []
         self.samples = 0
+
+    def _write(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._raw.write(data)
+        self._pos += len(data)
 
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """Append one sample; `members` is a list of (extension, payload), e.g. ("0.jpg", b"...")."""
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must contain no dots or slashes")
-        parts = []
+        parts, chunks, pos = [], [], self._pos
         for ext, payload in members:
             name = f"{key}.{ext}"
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            info.mtime = 0
-            info.mode = 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            data_offset = self._tar.offset + tarfile.BLOCKSIZE
-            self._tar.addfile(info, io.BytesIO(payload))
-            parts.append(f"{ext} {data_offset} {len(payload)} {name}")
+            chunks.append(ustar_header(name, len(payload)))
+            parts.append(f"{ext} {pos + BLOCK} {len(payload)} {name}")
+            chunks.append(payload)
+            pad = -len(payload) % BLOCK
+            if pad:
+                chunks.append(b"\0" * pad)
+            pos += BLOCK + len(payload) + pad
+        self._write(b"".join(chunks))  # one hash update and one write per sample, not per piece
         self._index_lines.append(" ".join(parts))
         self.samples += 1
 
     def close(self) -> tuple[str, int, str]:
         """Finish the archive; returns (sha256 hex, total bytes, DALI index text)."""
-        self._tar.close()
+        end = self._pos + 2 * BLOCK
+        self._write(b"\0" * (2 * BLOCK + (-end) % RECORD))
         index = f"{DALI_INDEX_VERSION} {len(self._index_lines)}\n" + "".join(l + "\n" for l in self._index_lines)
-        return self._out.sha.hexdigest(), self._out.pos, index
+        return self._sha.hexdigest(), self._pos, index

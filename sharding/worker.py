@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from .errors import ImageError
 from .images import EncodedImage, encode_image
@@ -25,6 +26,9 @@ def read_source(source_url: str, rel: str) -> bytes:
     loc = _location(source_url)
     for attempt in range(_READ_RETRIES):
         try:
+            if loc.is_local:  # plain open: fsspec's per-call overhead matters at thousands of files/s
+                with open(loc.path(rel), "rb") as f:
+                    return f.read()
             return loc.fs.cat_file(loc.path(rel))
         except FileNotFoundError:
             raise ImageError("missing file") from None
@@ -39,15 +43,34 @@ def read_source(source_url: str, rel: str) -> bytes:
     raise AssertionError("unreachable")
 
 
-def process(item: tuple[str, str, int, int]) -> EncodedImage | str:
-    """(source URL, relative path, max side, JPEG quality) -> the stored image, or the reason it is skipped."""
-    source_url, rel, max_side, quality = item
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What every image of a build shares; sent to each worker once, not with every image."""
+
+    source_url: str
+    max_side: int
+    jpeg_quality: int
+    check_decode: bool
+
+
+_settings: EncodeSettings | None = None
+
+
+def configure(settings: EncodeSettings) -> None:
+    """Pool initializer (and the in-process path): set the settings `process` uses."""
+    global _settings
+    _settings = settings
+
+
+def process(rel: str) -> EncodedImage | str:
+    """Relative path -> the stored image, or the reason it is skipped."""
+    s = _settings
     try:
-        data = read_source(source_url, rel)
+        data = read_source(s.source_url, rel)
     except ImageError as e:
         return str(e)
     try:
-        return encode_image(data, rel, max_side, quality)
+        return encode_image(data, rel, s.max_side, s.jpeg_quality, s.check_decode)
     except ImageError as e:
         return str(e)
     except Exception as e:  # noqa: BLE001 - a decoder may fail in any way on a corrupt file
