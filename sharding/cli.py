@@ -80,7 +80,7 @@ def _report(manifest: dict, elapsed: float | None = None) -> None:
     from .summary import print_summary, summarize
 
     summary = summarize(manifest)
-    print_summary(summary, out)
+    print_summary(summary, out, full=False)
     if elapsed:
         out.print(f"{summary['total']['images']:,} images in {elapsed:.1f} s "
                   f"({summary['total']['images'] / elapsed:,.0f} images/s)")

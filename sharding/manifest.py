@@ -92,7 +92,8 @@ def write_manifest(out: Location, plan: dict) -> dict:
         "skipped": skipped,
         "duplicates": plan["duplicates"] + _content_duplicates(written),
     }
-    out.write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(), *layout.MANIFEST)
+    # Insertion order is already fixed (splits in plan order), so no sort_keys.
+    out.write_bytes(json.dumps(manifest, indent=1).encode(), *layout.MANIFEST)
     return manifest
 
 

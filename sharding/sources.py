@@ -85,8 +85,13 @@ def _list_files(loc: Location, exclude: str | None) -> dict[str, int]:
     return files
 
 
-def _normalize(path: str) -> str | None:
-    """A manifest path relative to SOURCE, or None when it points outside SOURCE."""
+def _normalize(path: str, root: str) -> str | None:
+    """A manifest path relative to SOURCE, or None when it points outside SOURCE.
+
+    Absolute paths are common in exported manifests: those that lie below SOURCE are accepted.
+    """
+    if path.startswith("/") and root.startswith("/") and path.startswith(root.rstrip("/") + "/"):
+        path = path[len(root.rstrip("/")) + 1:]
     if "://" in path or path.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", path):
         return None
     norm = posixpath.normpath(path.replace("\\", "/"))
@@ -207,7 +212,7 @@ def manifest_records(opts: BuildOptions, loc: Location) -> tuple[list[Record], l
         try:
             if not raw_path:
                 raise ImageError(f"empty {opts.image_col!r} cell")
-            rel = _normalize(raw_path)
+            rel = _normalize(raw_path, loc.root)
             if rel is None:
                 raise ImageError("path escapes SOURCE")
             if rel not in files:

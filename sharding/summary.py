@@ -31,7 +31,8 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def print_summary(summary: dict, console: Console) -> None:
+def print_summary(summary: dict, console: Console, full: bool = True) -> None:
+    """The splits table, then (full) the images-per-patient histogram and label tables."""
     t = Table(title="splits")
     for col in ("split", "patients", "images", "samples", "shards", "size"):
         t.add_column(col, justify="right" if col != "split" else "left")
@@ -39,6 +40,15 @@ def print_summary(summary: dict, console: Console) -> None:
         t.add_row(name, *(f"{s[k]:,}" for k in ("patients", "images", "samples", "shards")), _mb(s["bytes"]),
                   style="bold" if name == "total" else None)
     console.print(t)
+    if full:
+        _print_details(summary, console)
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary["skipped_reasons"].items())
+    console.print(f"skipped: {summary['skipped']}" + (f" ({reasons})" if reasons else ""))
+    dups = ", ".join(f"{k}: {v}" for k, v in summary["duplicates"].items())
+    console.print(f"duplicates: {sum(summary['duplicates'].values())}" + (f" ({dups})" if dups else ""))
+
+
+def _print_details(summary: dict, console: Console) -> None:
     h = Table(title="images per patient")
     h.add_column("images", justify="right")
     h.add_column("patients", justify="right")
@@ -52,7 +62,3 @@ def print_summary(summary: dict, console: Console) -> None:
         for value, n in sorted(counts.items(), key=lambda kv: -kv[1]):
             lt.add_row(str(value), f"{n:,}")
         console.print(lt)
-    reasons = ", ".join(f"{k}: {v}" for k, v in summary["skipped_reasons"].items())
-    console.print(f"skipped: {summary['skipped']}" + (f" ({reasons})" if reasons else ""))
-    dups = ", ".join(f"{k}: {v}" for k, v in summary["duplicates"].items())
-    console.print(f"duplicates: {sum(summary['duplicates'].values())}" + (f" ({dups})" if dups else ""))

@@ -24,7 +24,8 @@ def messy(tmp_path):
     (src / "bad/corrupt.jpg").write_bytes(bytes(corrupt))
     (src / "bad/broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + os.urandom(300))
     (tmp_path / "outside.jpg").write_bytes(image_bytes(97))
-    rows = [{"path": f"ok/{i}.jpg", "patient": f"p{i // 2}"} for i in range(4)]
+    rows = [{"path": f"ok/{i}.jpg", "patient": f"p{i // 2}"} for i in range(3)]
+    rows.append({"path": str(src / "ok/3.jpg"), "patient": "p1"})  # absolute, but below SOURCE: fine
     bad = {"bad/truncated.jpg": "truncated", "bad/zero.jpg": "zero-byte", "bad/text.jpg": "undecodable",
            "bad/corrupt.jpg": "undecodable", "bad/broken.dcm": "undecodable DICOM",
            "../outside.jpg": "escapes SOURCE", "nope/missing.jpg": "missing file", "": "empty"}
