@@ -1,0 +1,1 @@
+"""Streaming input: shard sets named by a manifest, split across ranks and workers, MICLe pairs."""
