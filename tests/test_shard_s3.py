@@ -49,3 +49,29 @@ def test_s3_round_trip_matches_local_build(s3_endpoint, tmp_path):
     fs.pipe_file(f"shards/run1/{victim}", bytes(data))
     proc = run_cli("verify", "s3://shards/run1", check=False)
     assert proc.returncode == 1 and victim in proc.stderr
+
+
+def test_reader_streams_pairs_from_s3(s3_endpoint, tmp_path):
+    from medssl_scale.data.reader import ShardPairSource
+    from medssl_scale.data.shardset import ShardSet
+
+    src = tmp_path / "src"
+    make_patient_tree(src, patients=9, images_of=lambda p: 1 + p % 3)
+    s3_endpoint.make_bucket("stream")
+    args = ["--patient-regex", r"^(P\d+)/", "--splits", "train=1", "--shard-size", "10KB", "--quiet"]
+    run_cli("build", src, "s3://stream/shards", *args)
+    run_cli("build", src, tmp_path / "local", *args)
+    remote = ShardSet.open("s3://stream/shards", "train")
+    local = ShardSet.open(str(tmp_path / "local"), "train")
+    assert len(remote.shards) > 1
+    for rank in range(2):
+        r = list(ShardPairSource(remote, rank, 2, batch_size=3).batches(1))
+        loc = list(ShardPairSource(local, rank, 2, batch_size=3).batches(1))
+        assert [b.keys for b in r] == [b.keys for b in loc]
+        assert [b.first for b in r] == [b.first for b in loc] and [b.second for b in r] == [b.second for b in loc]
+    # A shard cut short on the object store is named before any step runs.
+    fs = fsspec.filesystem("s3")
+    victim = remote.shards[1].path
+    fs.pipe_file(f"stream/shards/{victim}", fs.cat_file(f"stream/shards/{victim}")[:2048])
+    with pytest.raises(Exception, match=victim.replace("/", ".")):
+        ShardSet.open("s3://stream/shards", "train")
