@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -24,6 +24,7 @@ class RawPairBatch:
     valid: np.ndarray                # bool (B,)
     keys: list[tuple[str, str]]      # ("<shard>#<key>.<member>", ...) of the two source images; ("", "") padding
     seeds: np.ndarray                # uint64 (B,): per-pair augmentation seed from (seed, epoch, sample)
+    patient_ids: list[str] = field(default_factory=list)  # as in the shards, for people ("" for padding)
 
     def __len__(self) -> int:
         return len(self.first)

@@ -90,7 +90,7 @@ class ShardPairSource:
             for i in ((a,) if a == b else (a, b)):
                 ranges.append((sample.shard, sample.images[i][1], sample.images[i][1] + sample.images[i][2]))
         data = iter(self._fetcher.fetch(ranges))
-        first, second, patients, keys, seeds = [], [], [], [], []
+        first, second, patients, keys, seeds, names = [], [], [], [], [], []
         for number, sample, (a, b) in zip(numbers, samples, picks):
             meta = json.loads(next(data))
             img_a = next(data)
@@ -98,6 +98,7 @@ class ShardPairSource:
             first.append(img_a)
             second.append(img_b)
             patients.append(patient_index(meta["patient_id"]))
+            names.append(meta["patient_id"])
             keys.append((self._key(sample, a), self._key(sample, b)))
             seeds.append(_mix(self.seed, epoch, int(number), 2))
         pad = padding_like(self.batch_size - len(samples))
@@ -105,7 +106,8 @@ class ShardPairSource:
             epoch=epoch, step=step, first=first + pad["first"], second=second + pad["second"],
             patient=np.concatenate([np.array(patients, np.int64), pad["patient"]]),
             valid=np.concatenate([np.ones(len(samples), bool), pad["valid"]]),
-            keys=keys + pad["keys"], seeds=np.concatenate([np.array(seeds, np.uint64), pad["seeds"]]))
+            keys=keys + pad["keys"], seeds=np.concatenate([np.array(seeds, np.uint64), pad["seeds"]]),
+            patient_ids=names + [""] * len(pad["first"]))
 
     def _key(self, sample: Sample, image: int) -> str:
         return f"{self.shardset.shards[sample.shard].path}#{sample.key}.{sample.images[image][0]}"
