@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from medssl_scale.augment.policy import AugmentPolicy, ViewPolicy
-from medssl_scale.data.batch import RawPairBatch
+from medssl_scale.data.batch import CorruptImage, RawPairBatch
 
 # torchvision 0.29 warns on every decode_image call (decoding moves to TorchCodec); once per image
 # would flood worker logs. Only that message is silenced, and only as a DeprecationWarning.
@@ -19,10 +19,6 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
                         category=DeprecationWarning)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class CorruptImage(ValueError):
-    """Encoded bytes that do not decode to an image."""
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:

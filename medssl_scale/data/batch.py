@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+class CorruptImage(ValueError):
+    """Encoded bytes that do not decode to an image; raised (naming the key) when on_corrupt is "error"."""
 
 
 @dataclass
@@ -54,10 +61,10 @@ def padding_like(n: int) -> dict:
 class PairBatch:
     """One augmented step, as the trainer receives it from either backend."""
 
-    view1: "torch.Tensor"            # noqa: F821 - (B, 3, H, W), normalized, policy dtype, on the device
-    view2: "torch.Tensor"            # noqa: F821
-    patient: "torch.Tensor"          # noqa: F821 - int64 (B,)
-    valid: "torch.Tensor"            # noqa: F821 - bool (B,); False for padding and skipped corrupt images
+    view1: "torch.Tensor"            # (B, 3, H, W), normalized, policy dtype, on the device
+    view2: "torch.Tensor"
+    patient: "torch.Tensor"          # int64 (B,)
+    valid: "torch.Tensor"            # bool (B,); False for padding and skipped corrupt images
     keys: list[tuple[str, str]]
     epoch: int
     step: int
