@@ -1,0 +1,53 @@
+"""Pretrain a contrastive encoder (SimCLR or MICLe) with DeepSpeed.
+
+    python launch/pretrain.py --config configs/debug_cpu.yaml                      # one process
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/pretrain.py --config configs/debug_cpu.yaml
+    deepspeed launch/pretrain.py --config configs/imagenet_simclr.yaml run_dir=runs/simclr
+    torchrun --nproc_per_node 8 launch/pretrain.py --config configs/cxr_micle.yaml
+    srun python launch/pretrain.py --config ...                                    # see launch/slurm/
+
+Overrides are dotted `key=value` pairs (values parsed as YAML): train.steps=20 data.shards=s3://b/s
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from medssl_scale.config import ConfigError, load_config  # noqa: E402
+from medssl_scale.data.shardset import ShardSetError  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    a = p.parse_args()
+    try:
+        cfg = load_config(a.config, a.overrides)
+        from medssl_scale.distributed.env import resolve
+        from medssl_scale.train.trainer import Trainer, TrainingError
+
+        # Rank 0 reports progress; the other ranks only warnings.
+        logging.basicConfig(level=logging.INFO if resolve().is_main else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(message)s")
+        trainer = Trainer(cfg)
+        summary = trainer.train()
+    except (ConfigError, ShardSetError) as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 3
+    if trainer.dist.is_main:
+        from medssl_scale.train.report import print_summary
+
+        print_summary(cfg, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pretraining: configuration checks, DeepSpeed set-up, the training loop, checkpoints and export."""

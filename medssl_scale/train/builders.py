@@ -1,0 +1,44 @@
+"""Build the model and the optimizer a run config asks for."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import RunConfig
+from ..models import ContrastiveModel, ProjectionHead, build_backbone
+from ..optim import LARS, lars_param_groups, scaled_lr
+from .storage import load_encoder
+
+
+def build_model(cfg: RunConfig, device_type: str) -> ContrastiveModel:
+    m = cfg.model
+    backbone = build_backbone(m.depth, m.width, channels_last=m.channels_last, small_input=m.small_input)
+    if m.init_encoder:
+        # An earlier stage's encoder (SimCLR on ImageNet -> MICLe): the backbone only, strictly.
+        backbone.load_state_dict(load_encoder(m.init_encoder), strict=True)
+    head = ProjectionHead(backbone.feature_dim, m.head_hidden, m.out_dim, layers=m.head_layers)
+    model = ContrastiveModel(backbone, head)
+    if m.global_bn and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        from ..distributed.batchnorm import make_global_bn
+
+        model = make_global_bn(model, device_type)
+    return model
+
+
+def peak_lr(cfg: RunConfig) -> float:
+    o = cfg.optim
+    return o.base_lr if o.lr_scaling == "none" else scaled_lr(o.base_lr, cfg.train.global_batch, o.lr_scaling)
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = lars_param_groups(model, o.weight_decay)
+    lr = peak_lr(cfg)
+    if o.name == "lars":
+        # SimCLR's TF LARS puts the learning rate inside the momentum buffer.
+        return LARS(groups, lr=lr, momentum=o.momentum, eta=0.001, lr_in_velocity=True)
+    for g in groups:  # BN and biases excluded from weight decay for every optimizer
+        g.pop("lars_exclude", None)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=o.betas)

@@ -1,0 +1,106 @@
+"""DeepSpeed checkpoints with our client state, a completion marker, pruning, and encoder export."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+from ..distributed.sync import barrier
+from .storage import save_encoder
+
+COMPLETE = "complete.json"   # written by rank 0 after every rank finished saving: the resume point
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpoints:
+    """The checkpoints of one run in a local (or shared-filesystem) folder."""
+
+    def __init__(self, directory: str, keep: int, rank: int, config_hash: str):
+        if "://" in directory and not directory.startswith("file://"):
+            raise ConfigError(f"train.checkpoint_dir={directory}: DeepSpeed writes checkpoints to a file system; "
+                              "use a local or shared path (encoder.pt may go to any fsspec URL)")
+        self.dir = Path(directory.removeprefix("file://"))
+        self.keep, self.rank, self.config_hash = keep, rank, config_hash
+
+    def latest(self) -> dict | None:
+        """The last complete checkpoint's marker (tag, step, ...), or None."""
+        marker = self.dir / COMPLETE
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def save(self, engine, step: int, client_state: dict) -> str:
+        """Collective: every rank must call it. A kill at any moment leaves the previous one usable,
+        since the marker moves only after all ranks have written."""
+        tag = f"step{step:08d}"
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={**client_state, "config_hash": self.config_hash})
+        torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
+        barrier()
+        if self.rank == 0:
+            tmp = self.dir / f".{COMPLETE}.tmp"
+            tmp.write_text(json.dumps({"tag": tag, "step": step, "zero_stage": engine.zero_optimization_stage(),
+                                       "config_hash": self.config_hash}))
+            os.replace(tmp, self.dir / COMPLETE)
+            self._prune(keep_tag=tag)
+        barrier()
+        return tag
+
+    def _prune(self, keep_tag: str) -> None:
+        tags = sorted(p.name for p in self.dir.glob("step*") if p.is_dir())
+        for old in tags[:-self.keep] if self.keep > 0 else []:
+            if old != keep_tag:
+                shutil.rmtree(self.dir / old, ignore_errors=True)
+
+    def load(self, engine) -> dict | None:
+        """Resume from the latest complete checkpoint; returns its client state (None: fresh start)."""
+        marker = self.latest()
+        if marker is None:
+            return None
+        if marker["config_hash"] != self.config_hash:
+            raise ConfigError(f"{self.dir} holds checkpoints of another configuration (hash {marker['config_hash']}, "
+                              f"this run {self.config_hash}); use a new run_dir or the same config to resume")
+        path, client = engine.load_checkpoint(str(self.dir), tag=marker["tag"])
+        if path is None:
+            raise RuntimeError(f"could not load checkpoint {self.dir / marker['tag']}")
+        rng = self.dir / marker["tag"] / f"rng_rank{self.rank}.pt"
+        if rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return client
+
+
+def export_encoder(checkpoint_dir: str, out_url: str, tag: str | None = None) -> dict:
+    """Write the backbone of a checkpoint as a plain float32 state_dict (ZeRO-3 consolidated too)."""
+    ckpt = Path(checkpoint_dir)
+    marker = json.loads((ckpt / COMPLETE).read_text()) if (ckpt / COMPLETE).exists() else {}
+    tag = tag or marker.get("tag")
+    if tag is None or not (ckpt / tag).is_dir():
+        raise ConfigError(f"{checkpoint_dir}: no checkpoint {tag or '(no complete.json)'} to export")
+    if marker.get("zero_stage", 0) == 3 or not (ckpt / tag / "mp_rank_00_model_states.pt").exists():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    else:
+        full = torch.load(ckpt / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    encoder = {k.removeprefix("backbone."): (v.float() if v.is_floating_point() else v)
+               for k, v in full.items() if k.startswith("backbone.")}
+    if not encoder:
+        raise RuntimeError(f"{checkpoint_dir}/{tag}: no backbone parameters found")
+    save_encoder(encoder, out_url)
+    return encoder

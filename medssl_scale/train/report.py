@@ -1,0 +1,28 @@
+"""The end-of-run summary for people: what ran and what it measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(cfg, summary: dict) -> None:
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    table = Table(title=f"pretraining run {cfg.run_dir}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [("model", f"ResNet-{cfg.model.depth} x{cfg.model.width}"), ("pairs", cfg.data.mode),
+            ("global batch", str(cfg.train.global_batch)), ("optimizer", cfg.optim.name),
+            ("ZeRO stage / precision", f"{cfg.train.zero_stage} / {cfg.train.precision}"),
+            ("steps", str(summary["steps"]))]
+    if records:
+        rows += [("first / last loss", f"{records[0]['loss']:.4f} / {records[-1]['loss']:.4f}"),
+                 ("last contrastive top-1", f"{records[-1]['accuracy']:.3f}"),
+                 ("median pairs/s", f"{sorted(r['pairs_per_s'] for r in records)[len(records) // 2]:,.1f}")]
+    rows += [("corrupt images skipped", str(summary["corrupt_skipped"])), ("encoder", summary["encoder"])]
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)

@@ -1,0 +1,166 @@
+"""The pretraining loop, top to bottom: check, start processes, build, resume, train, checkpoint, export.
+
+    single process:   python launch/pretrain.py --config configs/debug_cpu.yaml
+    one node:         deepspeed launch/pretrain.py --config configs/imagenet_simclr.yaml
+    several nodes:    deepspeed --hostfile hosts launch/pretrain.py --config ...   (or torchrun, or srun)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..augment.policy import PolicyError, policy_from_config
+from ..config import ConfigError, RunConfig, dump_config
+from ..data.loader import make_pair_loader
+from ..distributed.env import resolve
+from ..distributed.launch import init_process_group
+from ..distributed.sync import barrier
+from ..losses.ntxent import nt_xent
+from ..optim import lr_at
+from .builders import build_model, build_optimizer, peak_lr
+from .checkpoint import Checkpoints, export_encoder
+from .metrics import MetricsLog, StepTimer
+from .plan import batch_plan, check_combination, deepspeed_config
+from .preempt import Preemption
+
+log = logging.getLogger("medssl.train")
+PREEMPTED_EXIT = 99  # "checkpoint saved after a signal: requeue me" (see launch/slurm/pretrain.sbatch)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint is left as it was."""
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT)
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    # bf16 is autocast over fp32 weights: LARS and the optimizer states stay exact, matmuls run in bf16.
+    if cfg.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        # 1. Everything that can be checked without processes or data, first.
+        check_combination(cfg)
+        self.plan = batch_plan(cfg, resolve().world_size)
+        try:
+            self.policy = policy_from_config(cfg.augment)
+        except PolicyError as e:
+            raise ConfigError(str(e)) from None
+        self.cfg = cfg
+        # 2. Processes.
+        cuda = torch.cuda.is_available()
+        self.dist = init_process_group(cuda)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        self.run_dir = Path(cfg.run_dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        # 3. Data (shards are checked here, before any step), model, optimizer, engine.
+        self.loader = make_pair_loader(cfg.data.shards, cfg.data.split, self.plan.micro_batch, self.policy,
+                                       mode=cfg.data.mode, backend=cfg.data.backend, dist=self.dist,
+                                       seed=cfg.seed, workers=cfg.data.workers, on_corrupt=cfg.data.on_corrupt)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = build_model(cfg, self.device.type).to(self.device)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        import deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, model),
+                                                    config=deepspeed_config(cfg, self.plan))
+        self.checkpoints = Checkpoints(cfg.train.checkpoint_dir or str(self.run_dir / "checkpoints"),
+                                       cfg.train.keep_checkpoints, self.dist.rank, cfg.content_hash())
+        # 4. Resume where the last complete checkpoint stopped.
+        client = self.checkpoints.load(self.engine)
+        self.step = client["step"] if client else 0
+        self.loader.load_state_dict(client["data"] if client else {"epoch": 0, "step": 0})
+        per_epoch = self.loader.source.steps_per_epoch()
+        self.total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * per_epoch / self.plan.grad_accum)
+        self.peak_lr = peak_lr(cfg)
+        if client and self.dist.is_main:
+            log.info("resumed from step %d (data epoch %d, batch %d)", self.step, client["data"]["epoch"],
+                     client["data"]["step"])
+
+    def _set_lr(self) -> float:
+        o = self.cfg.optim
+        lr = lr_at(self.step, self.peak_lr, o.warmup_steps, self.total_steps, o.final_lr)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _micro_batches(self):
+        """Micro-batches forever, epoch after epoch, from the loader's current position."""
+        while True:
+            yield from self.loader
+            state = self.loader.state_dict()
+            self.loader.set_epoch(state["epoch"] + 1, 0)
+
+    def _forward_backward(self, batch) -> tuple[float, float]:
+        x = torch.cat([batch.view1, batch.view2]).to(self.device, non_blocking=True)
+        if self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.cfg.train.precision == "fp16":
+            x = x.half()
+        with _autocast(self.cfg, self.device):
+            _, embeddings = self.engine(x)
+        z1, z2 = embeddings.float().chunk(2)
+        out = nt_xent(z1, z2, self.cfg.loss.temperature, patient=batch.patient.to(self.device),
+                      valid=batch.valid.to(self.device), exclude_same_patient=self.cfg.loss.exclude_same_patient,
+                      chunk_size=self.cfg.loss.chunk_size)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        return float(out.global_loss), float(out.accuracy)
+
+    def _save(self) -> str:
+        return self.checkpoints.save(self.engine, self.step, {"step": self.step, "data": self.loader.state_dict()})
+
+    def train(self) -> dict:
+        t, main = self.cfg.train, self.dist.is_main
+        metrics = MetricsLog(self.run_dir, main, self.total_steps, self.step, t.tensorboard)
+        preemption = Preemption()
+        batches, timer, last_saved = self._micro_batches(), StepTimer(), None
+        try:
+            while self.step < self.total_steps:
+                lr = self._set_lr()
+                losses, accs = zip(*(self._forward_backward(next(batches)) for _ in range(self.plan.grad_accum)))
+                loss, acc = sum(losses) / len(losses), sum(accs) / len(accs)
+                if not math.isfinite(loss):
+                    raise TrainingError(f"non-finite loss ({loss}) at step {self.step + 1}: stopping; the last "
+                                        f"good checkpoint ({last_saved or 'none yet'}) is left untouched")
+                self.step += 1
+                dt = timer.lap()
+                metrics.step({"step": self.step, "loss": loss, "accuracy": acc, "lr": lr,
+                              "pairs_per_s": self.plan.global_batch / dt},
+                             write=self.step % t.log_every == 0 or self.step == self.total_steps)
+                stop = preemption.agreed(self.device)
+                if stop or self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
+                    last_saved = self._save()
+                if stop:
+                    if main:
+                        log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.received,
+                                    last_saved)
+                    raise Preempted()
+        finally:
+            metrics.close()
+        encoder = self.run_dir / "encoder.pt"
+        if main:
+            export_encoder(str(self.checkpoints.dir), str(encoder))
+        barrier()
+        return {"steps": self.step, "encoder": str(encoder), "checkpoint": last_saved,
+                "corrupt_skipped": getattr(self.loader, "corrupt_skipped", 0)}

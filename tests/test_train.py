@@ -1,0 +1,111 @@
+"""The DeepSpeed trainer through its real launchers (2 CPU processes, gloo): ZeRO 0-3, exact resume after
+kill -9 and SIGTERM, torchrun, encoder export, bad configurations."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+
+import psutil
+import pytest
+import torch
+
+from medssl_scale.models import build_backbone
+from trainrun import build_sample_shards, kill_group, losses, run, start, wait_for_step
+
+pytestmark = pytest.mark.train
+STEPS = ["train.steps=6", "train.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return build_sample_shards(tmp_path_factory.mktemp("train") / "shards")
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted LARS run (ZeRO 0) through the deepspeed launcher."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = run("deepspeed", run_dir, shards, *STEPS)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def test_run_writes_metrics_config_and_encoder(reference):
+    records = losses(reference)
+    assert [s for s, _ in records] == list(range(1, 7)) and all(math.isfinite(v) for _, v in records)
+    assert "global_batch: 16" in (reference / "config.yaml").read_text()
+    encoder = torch.load(reference / "encoder.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for k, v in encoder.items() if v.is_floating_point())
+    backbone = build_backbone(18)
+    backbone.load_state_dict(encoder, strict=True)
+
+
+def test_kill9_and_rerun_resumes_with_identical_losses(reference, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start("deepspeed", run_dir, shards, *STEPS)
+    wait_for_step(run_dir, 3, proc)  # past the checkpoint of step 2, before the one of step 4
+    kill_group(proc)
+    assert (run_dir / "checkpoints" / "complete.json").exists()
+    proc = run("deepspeed", run_dir, shards, *STEPS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step" in proc.stdout + proc.stderr
+    assert losses(run_dir) == losses(reference)
+
+
+def test_sigterm_saves_a_checkpoint_then_resumes(reference, shards, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start("deepspeed", run_dir, shards, "train.steps=6", "train.checkpoint_every=100")
+    wait_for_step(run_dir, 2, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if any(arg.startswith("--local_rank") for arg in p.cmdline())]  # the training processes
+    assert len(workers) == 2
+    for w in workers:  # as Slurm does on preemption or requeue: every task gets the signal
+        w.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    marker = run_dir / "checkpoints" / "complete.json"
+    assert marker.exists(), "no checkpoint was saved on SIGTERM"
+    proc = run("deepspeed", run_dir, shards, "train.steps=6", "train.checkpoint_every=100")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(run_dir) == losses(reference)
+
+
+def test_torchrun_gives_the_same_run(reference, shards, tmp_path):
+    proc = run("torchrun", tmp_path / "run", shards, *STEPS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(tmp_path / "run") == losses(reference)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_match_stage_0(shards, tmp_path_factory, stage):
+    base = tmp_path_factory.getbasetemp() / "adamw-zero0"
+    common = ["train.steps=3", "train.checkpoint_every=3", "optim.name=adamw", "optim.base_lr=0.001"]
+    if not (base / "encoder.pt").exists():
+        proc = run("deepspeed", base, shards, *common, "train.zero_stage=0")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path_factory.mktemp(f"zero{stage}") / "run"
+    proc = run("deepspeed", run_dir, shards, *common, f"train.zero_stage={stage}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, ref = losses(run_dir), losses(base)
+    assert [s for s, _ in ours] == [s for s, _ in ref]
+    assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(ours, ref)), (ours, ref)
+    enc, ref_enc = (torch.load(d / "encoder.pt", weights_only=True) for d in (run_dir, base))
+    assert enc.keys() == ref_enc.keys()
+    assert max((enc[k].float() - ref_enc[k].float()).abs().max().item() for k in enc) < 1e-3
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["train.stepz=3"], "did you mean 'train.steps'"),
+    (["train.steps=three"], "train.steps: expected an integer"),
+    (["train.global_batch=15", "train.grad_accum=2"], "not divisible"),
+    (["optim.name=lars", "train.zero_stage=2"], "LARS trust ratios would be wrong"),
+    (["data.shards=/nonexistent/shards"], "no manifest.json"),
+    (["augment.view={flip: 0.5}"], "unknown key"),
+])
+def test_bad_configuration_is_one_clear_line(shards, tmp_path, overrides, needle):
+    proc = run("python", tmp_path / "run", shards, *overrides, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,80 @@
+"""Helpers for trainer tests: shards of the shipped sample, and real launcher runs (deepspeed, torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shardtools import REPO, run_cli
+
+VENV_BIN = Path(sys.executable).parent
+# Small and fast, still the real trainer: ResNet-18 at 32 px, 2 processes x 8 pairs.
+FAST = ["augment.size=32", "model.head_hidden=64", "model.out_dim=32", "train.global_batch=16",
+        "data.workers=0", "train.log_every=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_sample_shards(out: Path) -> Path:
+    sample = REPO / "data" / "sample_cxr"
+    run_cli("build", sample, out, "--manifest", sample / "metadata.csv", "--patient-col", "patient_id",
+            "--max-side", "64", "--quiet")
+    return out
+
+
+def launcher_cmd(launcher: str, run_dir: Path, shards: Path, *overrides: str) -> list[str]:
+    args = ["launch/pretrain.py", "--config", "configs/debug_cpu.yaml", f"run_dir={run_dir}",
+            f"data.shards={shards}", *FAST, *overrides]
+    if launcher == "deepspeed":
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *args]
+    if launcher == "torchrun":
+        return [str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *args]
+    return [sys.executable, *args]
+
+
+def env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(launcher: str, run_dir: Path, shards: Path, *overrides: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(launcher_cmd(launcher, run_dir, shards, *overrides), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def start(launcher: str, run_dir: Path, shards: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(launcher_cmd(launcher, run_dir, shards, *overrides), cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if r]
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if losses(run_dir) and losses(run_dir)[-1][0] >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}")
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=120)
