@@ -80,7 +80,8 @@ def test_torchrun_gives_the_same_run(reference, shards, tmp_path):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_match_stage_0(shards, tmp_path_factory, stage):
     base = tmp_path_factory.getbasetemp() / "adamw-zero0"
-    common = ["train.steps=3", "train.checkpoint_every=3", "optim.name=adamw", "optim.base_lr=0.001"]
+    common = ["train.steps=3", "train.checkpoint_every=3", "optim.name=adamw", "optim.base_lr=0.001",
+              "optim.warmup_steps=1"]
     if not (base / "encoder.pt").exists():
         proc = run("deepspeed", base, shards, *common, "train.zero_stage=0")
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -98,6 +99,7 @@ def test_zero_stages_match_stage_0(shards, tmp_path_factory, stage):
 @pytest.mark.parametrize("overrides,needle", [
     (["train.stepz=3"], "did you mean 'train.steps'"),
     (["train.steps=three"], "train.steps: expected an integer"),
+    (["train.steps=3"], "optim.warmup_steps=5 exceeds train.steps=3"),
     (["train.global_batch=15", "train.grad_accum=2"], "not divisible"),
     (["optim.name=lars", "train.zero_stage=2"], "LARS trust ratios would be wrong"),
     (["data.shards=/nonexistent/shards"], "no manifest.json"),

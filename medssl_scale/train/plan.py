@@ -46,6 +46,8 @@ def check_combination(cfg: RunConfig) -> None:
     if o.name == "lars" and t.precision == "fp16":
         raise ConfigError("optim.name=lars with train.precision=fp16: DeepSpeed's fp16 optimizer flattens "
                           "parameters; use precision bf16 (autocast) or fp32")
+    if t.steps and o.warmup_steps > t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
     if cfg.loss.temperature <= 0:
         raise ConfigError("loss.temperature must be positive")
     if cfg.data.workers < 0:

@@ -93,6 +93,9 @@ class Trainer:
         per_epoch = self.loader.source.steps_per_epoch()
         self.total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * per_epoch / self.plan.grad_accum)
         self.peak_lr = peak_lr(cfg)
+        if cfg.optim.warmup_steps > self.total_steps:
+            raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds the run's "
+                              f"{self.total_steps} steps")
         if client and self.dist.is_main:
             log.info("resumed from step %d (data epoch %d, batch %d)", self.step, client["data"]["epoch"],
                      client["data"]["step"])
