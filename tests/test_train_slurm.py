@@ -32,6 +32,11 @@ def test_pretrain_job_is_requeued_and_resumes(slurm_cluster, tmp_path):
         time.sleep(0.5)
     # Requeue: Slurm signals the tasks (SIGTERM), they checkpoint, and the job starts again.
     assert slurm_cluster.run("scontrol", "requeue", job).returncode == 0
+    # Slurm holds a requeued job back for a while (begin time in the future); let it start at once.
+    deadline = time.time() + 120
+    while slurm_cluster.state(job) != "PENDING" and time.time() < deadline:
+        time.sleep(0.5)
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     state = slurm_cluster.wait(job, timeout=400)
     output = (slurm_cluster.log_dir / f"pretrain-{job}.out").read_text()
     assert state == "COMPLETED", output[-4000:]
