@@ -111,3 +111,51 @@ def test_bad_configuration_is_one_clear_line(shards, tmp_path, overrides, needle
     errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_lars_under_deepspeed_equals_plain_single_process_lars(shards, tmp_path):
+    """What the trainer accepts with LARS (ZeRO 0, 2 ranks, global BN) must equal plain LARS in one process
+    on the concatenated batch: the same losses and the same weights after 3 steps."""
+    from medssl_scale.augment.policy import policy_from_config
+    from medssl_scale.augment.torchvision_backend import TorchvisionAugmenter
+    from medssl_scale.config import load_config
+    from medssl_scale.data.reader import ShardPairSource
+    from medssl_scale.data.shardset import ShardSet
+    from medssl_scale.losses.ntxent import nt_xent
+    from medssl_scale.optim import lr_at
+    from medssl_scale.train.builders import build_model, build_optimizer, peak_lr
+    from trainrun import FAST
+
+    overrides = ["train.steps=3", "train.checkpoint_every=3", "optim.warmup_steps=1"]
+    run_dir = tmp_path / "ds"
+    proc = run("deepspeed", run_dir, shards, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    cfg = load_config("configs/debug_cpu.yaml", [f"data.shards={shards}", *FAST, *overrides])
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, "cpu")  # no process group: plain BatchNorm over the whole batch
+    optimizer = build_optimizer(cfg, model)
+    augment = TorchvisionAugmenter(policy_from_config(cfg.augment))
+    shardset = ShardSet.open(str(shards), "train")
+    micro = cfg.train.global_batch // 2
+    ranks = [ShardPairSource(shardset, r, 2, micro, cfg.data.mode, cfg.seed).batches(0) for r in range(2)]
+    expected = []
+    for step in range(3):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, peak_lr(cfg), cfg.optim.warmup_steps, 3, cfg.optim.final_lr)
+        parts = [augment(next(r)) for r in ranks]
+        x = torch.cat([p["view1"] for p in parts] + [p["view2"] for p in parts])
+        _, emb = model(x)
+        z1, z2 = emb.float().chunk(2)
+        out = nt_xent(z1, z2, cfg.loss.temperature, patient=torch.cat([p["patient"] for p in parts]),
+                      valid=torch.cat([p["valid"] for p in parts]), exclude_same_patient=True)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        expected.append(float(out.global_loss))
+    got = [v for _, v in losses(run_dir)]
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    encoder = torch.load(run_dir / "encoder.pt", weights_only=True)
+    reference = model.encoder_state_dict()
+    worst = max((encoder[k] - reference[k].float()).abs().max().item() for k in encoder if encoder[k].is_floating_point())
+    assert worst < 1e-5, worst

@@ -72,8 +72,8 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict:
         ds["zero_allow_untested_optimizer"] = True
     if t.zero_stage == 3:
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
-    if t.grad_clip > 0:
-        ds["gradient_clipping"] = t.grad_clip
+    # Always explicit: DeepSpeed otherwise clips at a norm of 1.0, silently changing the optimizer.
+    ds["gradient_clipping"] = t.grad_clip
     if t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return ds
