@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
-# The demo on the chest x-ray sample that ships in data/sample_cxr: shard it by patient, verify the
-# shards, and show what they hold. (Pretraining joins here once the trainer exists.)
+# The main job on the chest x-ray sample that ships in data/sample_cxr:
+#   1. shard it by patient (medssl-shard build, verify, inspect),
+#   2. MICLe-pretrain a small ResNet on it with the debug config through the real deepspeed launcher
+#      (2 CPU processes with gloo where there is no GPU), writing runs/demo/metrics.jsonl,
+#   3. export runs/demo/encoder.pt and print a summary of what ran and what it measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=demo-out/shards
-rm -rf "$OUT"  # a fresh build each time; a rerun on the same OUTPUT would resume instead
+RUN=runs/demo
+rm -rf "$OUT" "$RUN"  # a fresh demo each time; reruns of the same folders would resume instead
 .venv/bin/medssl-shard build data/sample_cxr "$OUT" \
   --manifest data/sample_cxr/metadata.csv --image-col path --patient-col patient_id \
   --label-cols finding --max-side 256 --shard-size 1MB
 .venv/bin/medssl-shard verify "$OUT"
 .venv/bin/medssl-shard inspect "$OUT"
+
+if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  LAUNCH=(.venv/bin/deepspeed --num_gpus 1)
+else
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+  LAUNCH=(.venv/bin/deepspeed --num_gpus 2)
+fi
+"${LAUNCH[@]}" launch/pretrain.py --config configs/debug_cpu.yaml run_dir="$RUN" data.shards="$OUT" \
+  2> >(grep -v -e "cpp_extension.py" -e "^\[rank" -e "No CUDA runtime" >&2)
+.venv/bin/python -c "import torch; sd = torch.load('$RUN/encoder.pt', weights_only=True); \
+print(f'encoder.pt: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values, loads with weights_only=True')"

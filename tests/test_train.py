@@ -7,11 +7,14 @@ import math
 import signal
 import subprocess
 
+import sys
+
 import psutil
 import pytest
 import torch
 
 from medssl_scale.models import build_backbone
+from shardtools import REPO
 from trainrun import build_sample_shards, kill_group, losses, run, start, wait_for_step
 
 pytestmark = pytest.mark.train
@@ -159,3 +162,21 @@ def test_lars_under_deepspeed_equals_plain_single_process_lars(shards, tmp_path)
     reference = model.encoder_state_dict()
     worst = max((encoder[k] - reference[k].float()).abs().max().item() for k in encoder if encoder[k].is_floating_point())
     assert worst < 1e-5, worst
+
+
+def test_export_on_demand_from_an_earlier_checkpoint(reference, tmp_path):
+    from medssl_scale.train.builders import build_model
+    from medssl_scale.config import load_config
+
+    tags = sorted(p.name for p in (reference / "checkpoints").glob("step*"))
+    assert tags[-1] == "step00000006" and len(tags) == 2  # keep_checkpoints=2 pruned the oldest
+    out = tmp_path / "enc4.pt"
+    proc = subprocess.run([sys.executable, "launch/export_encoder.py", str(reference / "checkpoints"), str(out),
+                           "--tag", tags[0]], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    earlier, final = torch.load(out, weights_only=True), torch.load(reference / "encoder.pt", weights_only=True)
+    assert earlier.keys() == final.keys() and any(not torch.equal(earlier[k], final[k]) for k in final)
+    # A later stage starts from it: the backbone weights are exactly the exported ones.
+    cfg = load_config("configs/debug_cpu.yaml", [f"model.init_encoder={out}"])
+    model = build_model(cfg, "cpu")
+    assert all(torch.equal(v, earlier[k]) for k, v in model.backbone.state_dict().items())

@@ -1,0 +1,29 @@
+"""Every shipped config loads strictly and passes the trainer's up-front checks at its intended size."""
+
+from pathlib import Path
+
+import pytest
+
+from medssl_scale.augment.policy import policy_from_config
+from medssl_scale.config import load_config
+from medssl_scale.train.plan import batch_plan, check_combination, deepspeed_config
+from shardtools import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_is_valid(path: Path):
+    cfg = load_config(str(path))
+    check_combination(cfg)
+    policy_from_config(cfg.augment)
+    world = 2 if "debug" in path.stem else 8
+    plan = batch_plan(cfg, world)
+    ds = deepspeed_config(cfg, plan)
+    assert ds["train_batch_size"] == plan.micro_batch * plan.grad_accum * world == cfg.train.global_batch
+
+
+def test_imagenet_batch_arithmetic_matches_its_comments():
+    cfg = load_config(str(REPO / "configs" / "imagenet_simclr.yaml"))
+    assert cfg.train.global_batch == 4096 and batch_plan(cfg, 64).micro_batch == 64
+    assert cfg.optim.base_lr * cfg.train.global_batch / 256 == pytest.approx(4.8)
