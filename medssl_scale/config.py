@@ -69,7 +69,7 @@ class TrainConfig:
     precision: str = "fp32"              # fp32 | bf16 | fp16
     zero_stage: int = 0
     grad_clip: float = 0.0               # 0: off
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute ResNet stages in backward to save memory
     log_every: int = 10
     checkpoint_every: int = 1000
     checkpoint_dir: str | None = None    # default: <run_dir>/checkpoints
@@ -127,6 +127,11 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if kind is float:
+        if isinstance(value, str):  # PyYAML reads 1e-6 or 1.0e30 (no dot or sign) as strings
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

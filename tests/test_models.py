@@ -196,3 +196,17 @@ def test_contrastive_model_outputs_and_encoder_state_dict():
     fresh = build_backbone(18, 1, small_input=True)
     fresh.load_state_dict(sd, strict=True)
     assert isinstance(fresh, ResNet)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    import copy
+
+    torch.manual_seed(0)
+    plain = build_backbone(18).double()
+    recomputed = copy.deepcopy(plain)
+    recomputed.checkpoint_stages = True
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for model in (plain, recomputed):
+        model(x).pow(2).sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=0, atol=1e-12), name

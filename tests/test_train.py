@@ -180,3 +180,16 @@ def test_export_on_demand_from_an_earlier_checkpoint(reference, tmp_path):
     cfg = load_config("configs/debug_cpu.yaml", [f"model.init_encoder={out}"])
     model = build_model(cfg, "cpu")
     assert all(torch.equal(v, earlier[k]) for k, v in model.backbone.state_dict().items())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # An absurd learning rate blows the weights up after the first update.
+    proc = run("python", run_dir, shards, "train.steps=4", "train.checkpoint_every=1", "optim.name=sgd",
+               "optim.base_lr=1.0e30", "optim.lr_scaling=none", "optim.warmup_steps=0", timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
+    assert len(errors) == 1 and "non-finite loss" in errors[0]
+    marker = (run_dir / "checkpoints" / "complete.json").read_text()
+    good = [s for s, v in losses(run_dir) if math.isfinite(v)]
+    assert good and f'"step": {good[-1]}' in marker  # the last checkpoint is the last finite step

@@ -16,6 +16,7 @@ def build_model(cfg: RunConfig, device_type: str) -> ContrastiveModel:
     if m.init_encoder:
         # An earlier stage's encoder (SimCLR on ImageNet -> MICLe): the backbone only, strictly.
         backbone.load_state_dict(load_encoder(m.init_encoder), strict=True)
+    backbone.checkpoint_stages = cfg.train.activation_checkpointing
     head = ProjectionHead(backbone.feature_dim, m.head_hidden, m.out_dim, layers=m.head_layers)
     model = ContrastiveModel(backbone, head)
     if m.global_bn and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
