@@ -193,3 +193,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     marker = (run_dir / "checkpoints" / "complete.json").read_text()
     good = [s for s, v in losses(run_dir) if math.isfinite(v)]
     assert good and f'"step": {good[-1]}' in marker  # the last checkpoint is the last finite step
+
+
+@pytest.mark.s3
+def test_checkpoints_on_s3_resume_exactly(s3_endpoint, shards, tmp_path):
+    s3_endpoint.make_bucket("ckpt")
+    common = ["train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=1", "optim.warmup_steps=1"]
+    local = run("python", tmp_path / "local", shards, *common)
+    assert local.returncode == 0, local.stderr[-2000:]
+    remote_run = tmp_path / "remote"
+    proc = start("python", remote_run, shards, *common, "train.checkpoint_dir=s3://ckpt/run1")
+    wait_for_step(remote_run, 2, proc)
+    kill_group(proc)
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    assert fs.exists("ckpt/run1/complete.json")
+    proc = run("python", remote_run, shards, *common, "train.checkpoint_dir=s3://ckpt/run1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from step" in proc.stdout + proc.stderr
+    assert losses(remote_run) == losses(tmp_path / "local")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpt/run1")) == ["complete.json", "step00000004"]
+    assert torch.load(remote_run / "encoder.pt", weights_only=True).keys() == \
+        torch.load(tmp_path / "local" / "encoder.pt", weights_only=True).keys()

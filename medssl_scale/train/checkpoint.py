@@ -32,17 +32,28 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Checkpoints:
-    """The checkpoints of one run in a local (or shared-filesystem) folder."""
+    """The checkpoints of one run: a local or shared folder, or any fsspec URL (s3://, gs://).
 
-    def __init__(self, directory: str, keep: int, rank: int, config_hash: str):
-        if "://" in directory and not directory.startswith("file://"):
-            raise ConfigError(f"train.checkpoint_dir={directory}: DeepSpeed writes checkpoints to a file system; "
-                              "use a local or shared path (encoder.pt may go to any fsspec URL)")
-        self.dir = Path(directory.removeprefix("file://"))
-        self.keep, self.rank, self.config_hash = keep, rank, config_hash
+    DeepSpeed reads and writes files, so a URL is served through a local staging folder: after a save,
+    the first rank of each node uploads what its node wrote; before a resume it downloads the tag.
+    """
+
+    def __init__(self, directory: str, keep: int, rank: int, config_hash: str, staging: str | None = None,
+                 local_rank: int = 0):
+        self.remote = "://" in directory and not directory.startswith("file://")
+        self.url = directory.rstrip("/")
+        self.dir = Path(staging) if self.remote else Path(directory.removeprefix("file://"))
+        self.keep, self.rank, self.local_rank, self.config_hash = keep, rank, local_rank, config_hash
+        if self.remote:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
 
     def latest(self) -> dict | None:
         """The last complete checkpoint's marker (tag, step, ...), or None."""
+        if self.remote:
+            path = f"{self.root}/{COMPLETE}"
+            return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
         marker = self.dir / COMPLETE
         return json.loads(marker.read_text()) if marker.exists() else None
 
@@ -53,10 +64,16 @@ class Checkpoints:
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={**client_state, "config_hash": self.config_hash})
         torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
         barrier()
+        if self.remote and self.local_rank == 0:
+            self.fs.put(str(self.dir / tag), f"{self.root}/{tag}", recursive=True)
+        barrier()
         if self.rank == 0:
+            marker = json.dumps({"tag": tag, "step": step, "zero_stage": engine.zero_optimization_stage(),
+                                 "config_hash": self.config_hash})
+            if self.remote:  # an object appears whole or not at all
+                self.fs.pipe_file(f"{self.root}/{COMPLETE}", marker.encode())
             tmp = self.dir / f".{COMPLETE}.tmp"
-            tmp.write_text(json.dumps({"tag": tag, "step": step, "zero_stage": engine.zero_optimization_stage(),
-                                       "config_hash": self.config_hash}))
+            tmp.write_text(marker)
             os.replace(tmp, self.dir / COMPLETE)
             self._prune(keep_tag=tag)
         barrier()
@@ -67,6 +84,12 @@ class Checkpoints:
         for old in tags[:-self.keep] if self.keep > 0 else []:
             if old != keep_tag:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
+        if self.remote:
+            remote = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
+            remote = [t for t in remote if t.startswith("step")]
+            for old in remote[:-self.keep] if self.keep > 0 else []:
+                if old != keep_tag:
+                    self.fs.rm(f"{self.root}/{old}", recursive=True)
 
     def load(self, engine) -> dict | None:
         """Resume from the latest complete checkpoint; returns its client state (None: fresh start)."""
@@ -76,6 +99,11 @@ class Checkpoints:
         if marker["config_hash"] != self.config_hash:
             raise ConfigError(f"{self.dir} holds checkpoints of another configuration (hash {marker['config_hash']}, "
                               f"this run {self.config_hash}); use a new run_dir or the same config to resume")
+        if self.remote:
+            if self.local_rank == 0:
+                shutil.rmtree(self.dir / marker["tag"], ignore_errors=True)
+                self.fs.get(f"{self.root}/{marker['tag']}", str(self.dir / marker["tag"]), recursive=True)
+            barrier()
         path, client = engine.load_checkpoint(str(self.dir), tag=marker["tag"])
         if path is None:
             raise RuntimeError(f"could not load checkpoint {self.dir / marker['tag']}")

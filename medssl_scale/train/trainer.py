@@ -85,7 +85,9 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, model),
                                                     config=deepspeed_config(cfg, self.plan))
         self.checkpoints = Checkpoints(cfg.train.checkpoint_dir or str(self.run_dir / "checkpoints"),
-                                       cfg.train.keep_checkpoints, self.dist.rank, cfg.content_hash())
+                                       cfg.train.keep_checkpoints, self.dist.rank, cfg.content_hash(),
+                                       staging=str(self.run_dir / ".checkpoint-staging"),
+                                       local_rank=self.dist.local_rank)
         # 4. Resume where the last complete checkpoint stopped.
         client = self.checkpoints.load(self.engine)
         self.step = client["step"] if client else 0
