@@ -20,7 +20,7 @@ from nvidia.dali import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from medssl_scale.augment.policy import AugmentPolicy, ViewPolicy
-from medssl_scale.data.batch import CorruptImage, PairBatch, PairSource, RawPairBatch
+from medssl_scale.data.batch import CorruptImage, EpochCursor, PairBatch, PairSource, RawPairBatch
 
 _LUMA = (0.299, 0.587, 0.114)          # ITU-R 601, as torchvision's rgb_to_grayscale and DALI's hsv
 # Formats DALI's decoders read (PIL's names); anything else is treated as corrupt before it gets there.
@@ -240,7 +240,7 @@ def _view_graph(img, view: ViewPolicy, policy: AugmentPolicy, on_gpu: bool):
                                     mirror=fn.random.coin_flip(probability=view.flip_p))
 
 
-class DaliPairLoader:
+class DaliPairLoader(EpochCursor):
     """Iterates one epoch of PairBatch in step order, augmented by a DALI pipeline.
 
     `device_id=None`: a CPU-only pipeline (libjpeg-turbo decode, CPU ops), tensors on the CPU. An int: nvJPEG
@@ -280,16 +280,7 @@ class DaliPairLoader:
         self._feed_error: Exception | None = None
         self._copied = None  # torch.cuda.Event after the last outputs' copy
 
-    # -- cursor ----------------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.step = int(epoch), int(start_step)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(state["epoch"], state["step"])
-
+    # -- cursor (set_epoch, state_dict, load_state_dict come from EpochCursor) -------------------------
     def __len__(self) -> int:
         """Steps left in the current epoch from the cursor."""
         return max(0, self.source.steps_per_epoch() - self.step)

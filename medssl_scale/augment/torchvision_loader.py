@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medssl_scale.augment.policy import AugmentPolicy
 from medssl_scale.augment.torchvision_backend import TorchvisionAugmenter
-from medssl_scale.data.batch import PairBatch, PairSource
+from medssl_scale.data.batch import EpochCursor, PairBatch, PairSource
 
 
 def _as_is(batch: dict) -> dict:
@@ -32,7 +32,7 @@ class _AugmentedSteps(IterableDataset):
             yield out
 
 
-class TorchvisionPairLoader:
+class TorchvisionPairLoader(EpochCursor):
     """Iterates one epoch of PairBatch in step order from a cursor (epoch, step) that resumes exactly.
 
     `__iter__` starts at the cursor and advances it past each yielded batch: call `set_epoch` before each
@@ -49,15 +49,6 @@ class TorchvisionPairLoader:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.epoch, self.step = 0, 0
         self.corrupt_skipped = 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.step = int(epoch), int(start_step)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(state["epoch"], state["step"])
 
     def __iter__(self) -> Iterator[PairBatch]:
         epoch, total = self.epoch, self.source.steps_per_epoch()

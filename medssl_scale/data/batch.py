@@ -68,3 +68,20 @@ class PairBatch:
     keys: list[tuple[str, str]]
     epoch: int
     step: int
+
+
+class EpochCursor:
+    """The loaders' position: (epoch, next step). Saved in checkpoints; restoring it makes the next batch
+    yielded the very one that would have come next."""
+
+    epoch: int = 0
+    step: int = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.step = int(epoch), int(start_step)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(state["epoch"], state["step"])
