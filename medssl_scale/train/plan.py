@@ -52,6 +52,11 @@ def check_combination(cfg: RunConfig) -> None:
         raise ConfigError("loss.temperature must be positive")
     if cfg.data.workers < 0:
         raise ConfigError("data.workers must be >= 0")
+    if t.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
     if t.checkpoint_every < 1 or t.log_every < 1:
         raise ConfigError("train.checkpoint_every and train.log_every must be at least 1")
 
