@@ -2,7 +2,8 @@
 # DALI GPU checks for a lent H200 machine: one JSON line per check on stdout, done within 8 minutes.
 #
 #   bash bench/gpu_check.sh            install DALI, then: throughput (pairs/s at 224 px, simclr, batch 256,
-#                                      goal >= 10,000), bf16 output, corrupt-input handling, GPU-vs-CPU semantics
+#                                      goal >= 10,000), bf16 output, corrupt-input handling, GPU-vs-CPU semantics,
+#                                      and a ResNet-50 bf16 channels-last training step on DALI input (goal >= 2,500)
 #   bash bench/gpu_check.sh --stage    only collect the DALI archive parts carried by this call, then exit
 #
 # The machine has python3 3.12 with torch (cu130), numpy and Pillow, but no DALI and no network. DALI comes
@@ -132,6 +133,17 @@ timeout --signal=INT --kill-after=15 "$LEFT" "$PY" -u bench/gpu_dali_bench.py --
     --size 224 --batch 256 --warmup 10 --steps 60 --threads 6 12 ${BENCH_ARGS:-}
 rc=$?
 [ "$rc" = 124 ] && json_fail budget "the checks ran past ${LEFT}s and were stopped"
+# Training step: ResNet-50 1x, bf16 autocast, channels-last, DALI input (goal >= 2,500 pairs/s).
+LEFT=$((BUDGET_S - ($(date +%s) - T0)))
+if [ "$LEFT" -ge 60 ] && [ "$DEVICE" != cpu ]; then
+    timeout --signal=INT --kill-after=15 "$LEFT" "$PY" -u bench/gpu_train_bench.py --device "$DEVICE" \
+        --batch 256 --warmup 5 --steps 30 --threads 12 || rc=$?
+elif [ "$DEVICE" = cpu ]; then
+    "$PY" -u bench/gpu_train_bench.py --device cpu --depth 18 --size 32 --batch 8 --steps 2 --warmup 1 \
+        --images 32 --threads 2 || rc=$?
+else
+    json_fail train_step "only ${LEFT}s left for the training-step check"
+fi
 "$PY" -c 'import json,sys; print(json.dumps({"check": "done", "seconds": int(sys.argv[1]), "rc": int(sys.argv[2])}))' \
     "$(($(date +%s) - T0))" "$rc"
 exit "$rc"
