@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,23 +38,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 GOAL = 0.9
-GLOBAL_BATCH = 16
-FAST = ["augment.size=32", "model.head_hidden=64", "model.out_dim=32", f"train.global_batch={GLOBAL_BATCH}",
-        "data.workers=0", "train.log_every=1"]
+sys.path.insert(0, str(REPO / "tests"))  # the test suite's launcher helpers: one definition of the run
 
+from trainrun import FAST, build_sample_shards as build_shards, free_port  # noqa: E402
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def build_shards(out: Path) -> Path:
-    sample = REPO / "data" / "sample_cxr"
-    subprocess.run([sys.executable, "-m", "sharding.cli", "build", str(sample), str(out), "--manifest",
-                    str(sample / "metadata.csv"), "--patient-col", "patient_id", "--max-side", "64", "--quiet"],
-                   cwd=REPO, check=True, capture_output=True, text=True)
-    return out
+GLOBAL_BATCH = next(int(o.split("=")[1]) for o in FAST if o.startswith("train.global_batch="))
 
 
 def launch(side: str, run_dir: Path, shards: Path, steps: int) -> float:
