@@ -8,7 +8,6 @@ import posixpath
 import uuid
 from typing import Iterator
 
-import fsspec
 from fsspec.core import url_to_fs
 
 # On object stores an upload becomes visible only when it completes, so writing straight to the final
@@ -75,7 +74,3 @@ class Location:
         with self.atomic_open(*parts) as f:
             f.write(data)
 
-
-def open_url(url: str, mode: str = "rb"):
-    """Open one file given by URL or local path."""
-    return fsspec.open(url, mode).open()
