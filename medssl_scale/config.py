@@ -33,6 +33,7 @@ class ModelConfig:
     depth: int = 50
     width: int = 1
     small_input: bool = False            # 3x3 stem without max-pool, for 32-64 px images
+    zero_init_residual: bool = True      # last BN scale of each residual block starts at 0 (SimCLR, Goyal et al.)
     head_layers: int = 2
     head_hidden: int = 2048
     out_dim: int = 128

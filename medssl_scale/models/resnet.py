@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from torch.utils.checkpoint import checkpoint
 from torch import nn
+
+from .bn_stats import frozen_running_stats
 
 # Blocks per stage, as in He et al. 2016 (and torchvision).
 _STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
@@ -122,8 +127,9 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.bn2.weight)
 
     # Activation checkpointing: keep only each stage's input and recompute the stage in backward, trading
-    # about a third more compute for the activation memory of large batches. Recomputation runs BatchNorm
-    # a second time, which updates its running statistics twice (they are not used while training).
+    # about a third more compute for the activation memory of large batches. The recomputation runs
+    # BatchNorm again on the same batch (same batch statistics, so the same outputs and gradients) with its
+    # running statistics frozen, so they are updated once per forward as without checkpointing.
     checkpoint_stages: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,8 +137,17 @@ class ResNet(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         recompute = self.checkpoint_stages and self.training and torch.is_grad_enabled()
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = checkpoint(stage, x, use_reentrant=False) if recompute else stage(x)
+            if recompute:
+                contexts = functools.partial(_recompute_contexts, stage)
+                x = checkpoint(stage, x, use_reentrant=False, context_fn=contexts)
+            else:
+                x = stage(x)
         return torch.flatten(self.avgpool(x), 1)
+
+
+def _recompute_contexts(stage: nn.Module):
+    """checkpoint's (forward, recomputation) contexts: the recomputation leaves BN running stats alone."""
+    return contextlib.nullcontext(), frozen_running_stats(stage)
 
 
 def build_backbone(depth: int, width: int = 1, channels_last: bool = False, small_input: bool = False,

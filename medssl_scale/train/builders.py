@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import RunConfig
+from ..distributed.batchnorm import convert_to_masked_bn, make_global_bn
 from ..models import ContrastiveModel, ProjectionHead, build_backbone
 from ..optim import LARS, lars_param_groups, scaled_lr
 from .storage import load_encoder
@@ -12,18 +13,19 @@ from .storage import load_encoder
 
 def build_model(cfg: RunConfig, device_type: str) -> ContrastiveModel:
     m = cfg.model
-    backbone = build_backbone(m.depth, m.width, channels_last=m.channels_last, small_input=m.small_input)
+    backbone = build_backbone(m.depth, m.width, channels_last=m.channels_last, small_input=m.small_input,
+                              zero_init_residual=m.zero_init_residual)
     if m.init_encoder:
         # An earlier stage's encoder (SimCLR on ImageNet -> MICLe): the backbone only, strictly.
         backbone.load_state_dict(load_encoder(m.init_encoder), strict=True)
     backbone.checkpoint_stages = cfg.train.activation_checkpointing
     head = ProjectionHead(backbone.feature_dim, m.head_hidden, m.out_dim, layers=m.head_layers)
     model = ContrastiveModel(backbone, head)
+    # Every BN honours the batch mask (padding never enters its statistics): over all ranks with
+    # model.global_bn (SimCLR), else per process as in plain DDP.
     if m.global_bn and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        from ..distributed.batchnorm import make_global_bn
-
-        model = make_global_bn(model, device_type)
-    return model
+        return make_global_bn(model, device_type)
+    return convert_to_masked_bn(model)
 
 
 def peak_lr(cfg: RunConfig) -> float:
