@@ -76,6 +76,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None    # default: <run_dir>/checkpoints
     keep_checkpoints: int = 2
     tensorboard: bool = False
+    extend: bool = False                 # resume a run whose checkpoints were made for fewer (or more) steps
 
 
 @dataclass
@@ -92,13 +93,23 @@ class RunConfig:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def content_hash(self) -> str:
-        """What must match for a resume: everything but where things are written."""
+    def content_hash(self, data_fingerprint: str | None = None) -> str:
+        """What must match for a resume: what changes the trained weights, nothing else.
+
+        Left out: where things are read and written (run_dir, checkpoint_dir, data.shards, which
+        `data_fingerprint`, the shard build's identity, replaces), how fast they are read (data.workers,
+        data.backend: both backends draw every augmentation parameter from the same per-sample seeds),
+        reporting (log_every, tensorboard, checkpoint cadence) and the run's length (train.steps/epochs:
+        a finished run may be extended, see train.extend).
+        """
         d = self.as_dict()
         d.pop("run_dir")
-        d["train"].pop("checkpoint_dir")
-        d["train"].pop("log_every")
-        d["train"].pop("tensorboard")
+        for key in ("checkpoint_dir", "log_every", "tensorboard", "steps", "epochs", "extend", "checkpoint_every",
+                    "keep_checkpoints"):
+            d["train"].pop(key, None)
+        for key in ("shards", "workers", "backend"):
+            d["data"].pop(key)
+        d["data"]["fingerprint"] = data_fingerprint if data_fingerprint is not None else self.data.shards
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

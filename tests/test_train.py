@@ -39,10 +39,19 @@ def test_run_writes_metrics_config_and_encoder(reference):
     records = losses(reference)
     assert [s for s, _ in records] == list(range(1, 7)) and all(math.isfinite(v) for _, v in records)
     assert "global_batch: 16" in (reference / "config.yaml").read_text()
-    encoder = torch.load(reference / "encoder.pt", weights_only=True)
+    saved = torch.load(reference / "encoder.pt", weights_only=True)
+    encoder = saved["state_dict"]
     assert all(v.dtype == torch.float32 for k, v in encoder.items() if v.is_floating_point())
+    assert saved["arch"] == {"depth": 18, "width": 1, "small_input": False, "input_size": 32,
+                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "preset": "chest_xray",
+                             "feature_dim": 512}
     backbone = build_backbone(18)
     backbone.load_state_dict(encoder, strict=True)
+    # At width 1 without small_input, torchvision's ResNet of the same depth takes it (its fc stays random).
+    import torchvision
+
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(encoder, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
 
 
 def test_kill9_and_rerun_resumes_with_identical_losses(reference, shards, tmp_path):
@@ -94,7 +103,7 @@ def test_zero_stages_match_stage_0(shards, tmp_path_factory, stage):
     ours, ref = losses(run_dir), losses(base)
     assert [s for s, _ in ours] == [s for s, _ in ref]
     assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(ours, ref)), (ours, ref)
-    enc, ref_enc = (torch.load(d / "encoder.pt", weights_only=True) for d in (run_dir, base))
+    enc, ref_enc = (torch.load(d / "encoder.pt", weights_only=True)["state_dict"] for d in (run_dir, base))
     assert enc.keys() == ref_enc.keys()
     assert max((enc[k].float() - ref_enc[k].float()).abs().max().item() for k in enc) < 1e-3
 
@@ -158,7 +167,7 @@ def test_lars_under_deepspeed_equals_plain_single_process_lars(shards, tmp_path)
         expected.append(float(out.global_loss))
     got = [v for _, v in losses(run_dir)]
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    encoder = torch.load(run_dir / "encoder.pt", weights_only=True)
+    encoder = torch.load(run_dir / "encoder.pt", weights_only=True)["state_dict"]
     reference = model.encoder_state_dict()
     worst = max((encoder[k] - reference[k].float()).abs().max().item() for k in encoder if encoder[k].is_floating_point())
     assert worst < 1e-5, worst
@@ -174,7 +183,7 @@ def test_export_on_demand_from_an_earlier_checkpoint(reference, tmp_path):
     proc = subprocess.run([sys.executable, "launch/export_encoder.py", str(reference / "checkpoints"), str(out),
                            "--tag", tags[0]], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    earlier, final = torch.load(out, weights_only=True), torch.load(reference / "encoder.pt", weights_only=True)
+    earlier, final = (torch.load(p, weights_only=True)["state_dict"] for p in (out, reference / "encoder.pt"))
     assert earlier.keys() == final.keys() and any(not torch.equal(earlier[k], final[k]) for k in final)
     # A later stage starts from it: the backbone weights are exactly the exported ones.
     cfg = load_config("configs/debug_cpu.yaml", [f"model.init_encoder={out}"])
@@ -214,8 +223,8 @@ def test_checkpoints_on_s3_resume_exactly(s3_endpoint, shards, tmp_path):
     assert "resumed from step" in proc.stdout + proc.stderr
     assert losses(remote_run) == losses(tmp_path / "local")
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpt/run1")) == ["complete.json", "step00000004"]
-    assert torch.load(remote_run / "encoder.pt", weights_only=True).keys() == \
-        torch.load(tmp_path / "local" / "encoder.pt", weights_only=True).keys()
+    assert torch.load(remote_run / "encoder.pt", weights_only=True)["state_dict"].keys() == \
+        torch.load(tmp_path / "local" / "encoder.pt", weights_only=True)["state_dict"].keys()
 
 
 def test_two_nodes_through_the_deepspeed_launcher_no_ssh(reference, shards, tmp_path):

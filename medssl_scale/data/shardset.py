@@ -6,6 +6,7 @@ up front, so readers can fetch exactly the bytes they need, in any order, from d
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -61,9 +62,11 @@ def _parse_index(text: str, shard: Shard, shard_no: int) -> list[Sample]:
 class ShardSet:
     """The shards and samples of one split of a build (local path or any fsspec URL)."""
 
-    def __init__(self, url: str, split: str, shards: list[Shard], samples: list[Sample]):
+    def __init__(self, url: str, split: str, shards: list[Shard], samples: list[Sample], fingerprint: str = ""):
         self.url, self.split, self.shards, self.samples = url, split, shards, samples
         self.location = Location(url)
+        # What the data are, not where: the same build copied to s3:// or another disk keeps it.
+        self.fingerprint = fingerprint
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -108,4 +111,6 @@ class ShardSet:
             raise ShardSetError(f"{url} split {split!r}: {len(problems)} unusable shard(s): " + "; ".join(problems))
         if not samples:
             raise ShardSetError(f"{url} split {split!r} has no samples")
-        return cls(url, split, shards, samples)
+        digest = hashlib.sha256(json.dumps([split, [{k: e.get(k) for k in ("path", "bytes", "samples", "sha256")}
+                                                    for e in entries]], sort_keys=True).encode()).hexdigest()[:16]
+        return cls(url, split, shards, samples, digest)

@@ -8,7 +8,8 @@ from ..config import RunConfig
 from ..distributed.batchnorm import convert_to_masked_bn, make_global_bn
 from ..models import ContrastiveModel, ProjectionHead, build_backbone
 from ..optim import LARS, lars_param_groups, scaled_lr
-from .storage import load_encoder
+from ..config import ConfigError
+from .storage import read_encoder
 
 
 def build_model(cfg: RunConfig, device_type: str) -> ContrastiveModel:
@@ -17,7 +18,18 @@ def build_model(cfg: RunConfig, device_type: str) -> ContrastiveModel:
                               zero_init_residual=m.zero_init_residual)
     if m.init_encoder:
         # An earlier stage's encoder (SimCLR on ImageNet -> MICLe): the backbone only, strictly.
-        backbone.load_state_dict(load_encoder(m.init_encoder), strict=True)
+        state, arch = read_encoder(m.init_encoder, "model.init_encoder")
+        if arch is not None:
+            theirs = {k: arch.get(k) for k in ("depth", "width", "small_input")}
+            ours = {"depth": m.depth, "width": m.width, "small_input": m.small_input}
+            if theirs != ours:
+                raise ConfigError(f"model.init_encoder={m.init_encoder} is a ResNet {theirs} but this run builds "
+                                  f"{ours}: set model.depth/width/small_input to match, or pick another encoder")
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"model.init_encoder={m.init_encoder} does not fit a ResNet-{m.depth} width "
+                              f"{m.width} (small_input {m.small_input}): {str(e).splitlines()[0][:160]}") from None
     backbone.checkpoint_stages = cfg.train.activation_checkpointing
     head = ProjectionHead(backbone.feature_dim, m.head_hidden, m.out_dim, layers=m.head_layers)
     model = ContrastiveModel(backbone, head)

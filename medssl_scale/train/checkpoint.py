@@ -39,11 +39,15 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str, keep: int, rank: int, config_hash: str, staging: str | None = None,
-                 local_rank: int = 0):
+                 local_rank: int = 0, encoder_arch: dict | None = None):
         self.remote = "://" in directory and not directory.startswith("file://")
         self.url = directory.rstrip("/")
-        self.dir = Path(staging) if self.remote else Path(directory.removeprefix("file://"))
+        # One staging folder per node (named by the node's first global rank): a node holds only its own
+        # ranks' partitions, even when run_dir is a folder that several nodes share.
+        node_staging = Path(staging or ".checkpoint-staging") / f"node{rank - local_rank}"
+        self.dir = node_staging if self.remote else Path(directory.removeprefix("file://"))
         self.keep, self.rank, self.local_rank, self.config_hash = keep, rank, local_rank, config_hash
+        self.encoder_arch = encoder_arch
         if self.remote:
             import fsspec
 
@@ -69,7 +73,7 @@ class Checkpoints:
         barrier()
         if self.rank == 0:
             marker = json.dumps({"tag": tag, "step": step, "zero_stage": engine.zero_optimization_stage(),
-                                 "config_hash": self.config_hash})
+                                 "config_hash": self.config_hash, "encoder_arch": self.encoder_arch})
             if self.remote:  # an object appears whole or not at all
                 self.fs.pipe_file(f"{self.root}/{COMPLETE}", marker.encode())
             tmp = self.dir / f".{COMPLETE}.tmp"
@@ -113,8 +117,32 @@ class Checkpoints:
         return client
 
 
+    def export(self, out_url: str, tag: str | None = None) -> dict:
+        """Rank 0 only: write encoder.pt from the complete checkpoint `tag` (default the latest).
+
+        A remote checkpoint is exported from a fresh download of the whole tag, since this node's staging
+        folder holds only its own ranks' ZeRO partitions.
+        """
+        if not self.remote:
+            return export_encoder(str(self.dir), out_url, tag)
+        marker = self.latest()
+        if marker is None:
+            raise ConfigError(f"{self.url}: no complete checkpoint to export")
+        tag = tag or marker["tag"]
+        local = self.dir.parent / "export"
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        self.fs.get(f"{self.root}/{tag}", str(local / tag), recursive=True)
+        (local / COMPLETE).write_text(json.dumps({**marker, "tag": tag}))
+        try:
+            return export_encoder(str(local), out_url, tag)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+
 def export_encoder(checkpoint_dir: str, out_url: str, tag: str | None = None) -> dict:
-    """Write the backbone of a checkpoint as a plain float32 state_dict (ZeRO-3 consolidated too)."""
+    """Write the backbone of a checkpoint to encoder.pt: float32 tensors (ZeRO-3 consolidated too) and the
+    architecture recorded in the checkpoint's marker (see storage.save_encoder)."""
     ckpt = Path(checkpoint_dir)
     marker = json.loads((ckpt / COMPLETE).read_text()) if (ckpt / COMPLETE).exists() else {}
     tag = tag or marker.get("tag")
@@ -130,5 +158,5 @@ def export_encoder(checkpoint_dir: str, out_url: str, tag: str | None = None) ->
                for k, v in full.items() if k.startswith("backbone.")}
     if not encoder:
         raise RuntimeError(f"{checkpoint_dir}/{tag}: no backbone parameters found")
-    save_encoder(encoder, out_url)
+    save_encoder(encoder, out_url, marker.get("encoder_arch"))
     return encoder

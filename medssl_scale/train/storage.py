@@ -1,4 +1,10 @@
-"""Encoder files on any fsspec path: a plain float32 backbone state_dict, loadable with weights_only."""
+"""encoder.pt on any fsspec path: the backbone's float32 state_dict with the architecture that made it.
+
+The file is a dict that `torch.load(path, weights_only=True)` reads:
+    {"format": "medssl-encoder/1", "arch": {depth, width, small_input, input_size, mean, std, preset,
+     feature_dim}, "state_dict": {name: tensor}}
+Plain state_dicts (torchvision's format, or encoder.pt files of earlier versions) are read too, without arch.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,45 @@ import io
 import fsspec
 import torch
 
+ENCODER_FORMAT = "medssl-encoder/1"
 
-def save_encoder(state_dict: dict, url: str) -> None:
+
+def encoder_arch(cfg) -> dict:
+    """What a later stage must know to rebuild and feed the encoder of run config `cfg`."""
+    from ..augment.policy import policy_from_config
+    policy = policy_from_config(cfg.augment)
+    m = cfg.model
+    return {"depth": m.depth, "width": m.width, "small_input": m.small_input, "input_size": policy.size,
+            "mean": list(policy.mean), "std": list(policy.std), "preset": cfg.augment.get("preset"),
+            "feature_dim": (512 if m.depth < 50 else 2048) * m.width}
+
+
+def save_encoder(state_dict: dict, url: str, arch: dict | None = None) -> None:
     buf = io.BytesIO()
-    torch.save({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, buf)
+    torch.save({"format": ENCODER_FORMAT, "arch": arch,
+                "state_dict": {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}}, buf)
     with fsspec.open(url, "wb") as f:
         f.write(buf.getvalue())
 
 
-def load_encoder(url: str) -> dict:
+def read_encoder(url: str, what: str = "encoder") -> tuple[dict, dict | None]:
+    """(state_dict, arch or None) of an encoder.pt or a plain state_dict file."""
+    from ..config import ConfigError
+
     try:
         with fsspec.open(url, "rb") as f:
-            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        from ..config import ConfigError
+        raise ConfigError(f"{what}: {url} not found") from None
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors of a file that is not a torch save
+        raise ConfigError(f"{what}: {url} is not a torch state_dict file ({type(e).__name__}: {str(e)[:100]})") from None
+    if isinstance(obj, dict) and obj.get("format") == ENCODER_FORMAT:
+        return obj["state_dict"], obj.get("arch")
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None
+    raise ConfigError(f"{what}: {url} holds neither an encoder.pt nor a state_dict of tensors")
 
-        raise ConfigError(f"model.init_encoder: {url} not found") from None
+
+def load_encoder(url: str) -> dict:
+    """The state_dict of an encoder file (see read_encoder)."""
+    return read_encoder(url, "model.init_encoder")[0]
