@@ -16,13 +16,28 @@ rm -rf "$OUT" "$RUN"  # a fresh demo each time; reruns of the same folders would
 .venv/bin/medssl-shard verify "$OUT"
 .venv/bin/medssl-shard inspect "$OUT"
 
+# A free rendezvous port (29500, the launcher's default, unless another job holds it).
+PORT=$(.venv/bin/python -c "from medssl_scale.distributed.launch import free_port; print(free_port(29500))")
 if .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  LAUNCH=(.venv/bin/deepspeed --num_gpus 1)
+  LAUNCH=(.venv/bin/deepspeed --num_gpus 1 --master_port "$PORT")
 else
-  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
-  LAUNCH=(.venv/bin/deepspeed --num_gpus 2)
+  # Each process sets its own CPU thread count (cores / processes) when OMP_NUM_THREADS is unset.
+  export DS_ACCELERATOR=cpu
+  LAUNCH=(.venv/bin/deepspeed --num_gpus 2 --master_port "$PORT")
 fi
+# Ctrl-C from here on reaches every process of the group; the training processes checkpoint and exit.
+# Ignoring it in this shell (and so in the deepspeed command and the stderr filter, which inherit that) keeps
+# the filter alive while they write their last line, and the deepspeed command waiting for them.
+trap '' INT
+status=0
 "${LAUNCH[@]}" launch/pretrain.py --config configs/debug_cpu.yaml run_dir="$RUN" data.shards="$OUT" \
-  2> >(grep -v -e "cpp_extension.py" -e "^\[rank" -e "No CUDA runtime" >&2)
+  2> >(grep -v -e "cpp_extension.py" -e "^\[rank" -e "No CUDA runtime" >&2) || status=$?
+trap - INT
+if [ "$status" -ne 0 ]; then
+  # A rerun of the demo starts afresh; the same launch line by hand resumes from the last checkpoint.
+  echo "demo: training stopped (deepspeed exit status $status); to resume: ${DS_ACCELERATOR:+DS_ACCELERATOR=$DS_ACCELERATOR }${LAUNCH[*]}" \
+    "launch/pretrain.py --config configs/debug_cpu.yaml run_dir=$RUN data.shards=$OUT" >&2
+  exit "$status"
+fi
 .venv/bin/python -c "import torch; sd = torch.load('$RUN/encoder.pt', weights_only=True); \
 print(f'encoder.pt: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values, loads with weights_only=True')"

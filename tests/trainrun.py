@@ -78,3 +78,47 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
     os.killpg(proc.pid, sig)
     proc.wait(timeout=120)
+
+
+def env_without_omp() -> dict:
+    """env() without OMP_NUM_THREADS: the trainer then chooses each process's CPU thread count."""
+    e = env()
+    e.pop("OMP_NUM_THREADS", None)
+    return e
+
+
+def start_logged(launcher: str, run_dir: Path, shards: Path, *overrides: str, log: Path,
+                 environ: dict | None = None) -> subprocess.Popen:
+    """start(), with stdout and stderr in `log`: the ranks keep writing there after a launcher that a signal
+    ended at once (the deepspeed command does) has gone."""
+    with open(log, "w") as out:
+        return subprocess.Popen(launcher_cmd(launcher, run_dir, shards, *overrides), cwd=REPO,
+                                env=environ or env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def session_processes(sid: int) -> list[int]:
+    """Pids of the live (not zombie) processes of session `sid` (start()ed launchers lead their own)."""
+    import psutil
+
+    pids = []
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) == sid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                pids.append(pid)
+        except (OSError, psutil.Error):
+            pass
+    return pids
+
+
+def signal_group(proc: subprocess.Popen, sig: int, timeout: float = 150) -> int:
+    """Send `sig` to the launcher's whole process group (ranks and DataLoader workers included), as Slurm,
+    `kill -- -PGID` or a terminal's Ctrl-C do; wait until every process of it has exited, since a launcher
+    may exit before its ranks. Returns the launcher's exit status (negative: killed by that signal)."""
+    os.killpg(proc.pid, sig)
+    rc = proc.wait(timeout=timeout)
+    deadline = time.time() + timeout
+    while session_processes(proc.pid):
+        if time.time() > deadline:
+            raise AssertionError(f"processes {session_processes(proc.pid)} still running {timeout} s after {sig!r}")
+        time.sleep(0.2)
+    return rc

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import multiprocessing
+import os
+import signal
 from typing import Iterator
 
 import torch
@@ -15,6 +21,52 @@ from medssl_scale.data.batch import EpochCursor, PairBatch, PairSource
 def _as_is(batch: dict) -> dict:
     # Module level so worker processes can pickle it; the default would re-wrap the keys list.
     return batch
+
+
+# What the trainer turns into a checkpoint (train/preempt.py). Slurm signals every process of a job step,
+# and `kill -- -PGID` or a terminal's Ctrl-C the whole process group: DataLoader workers included. A worker
+# that died of it would crash the training process mid-step, before it could save.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_owner_exiting = None  # an Event set when the process that owns the workers exits (see _allow_termination)
+
+
+def _allow_termination() -> None:
+    # At exit, multiprocessing terminates daemonic children (SIGTERM) and then joins them without a timeout:
+    # workers still running at that point (a loader iterated only part-way) must then obey SIGTERM after all.
+    _owner_exiting.set()
+
+
+def _worker_init(exiting, worker_id: int) -> None:
+    """In each worker: torch has just made SIGTERM fatal here; the owning process decides when workers stop
+    (it shuts them down itself, and SIGKILL or the death of the owner still ends them)."""
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGTERM and exiting.is_set():
+            os._exit(0)
+
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, on_signal)
+    # Signals held by the owner while it forked us (see _held) arrive now, and are dropped.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
+
+
+@contextlib.contextmanager
+def _held():
+    """Block the preemption signals in this thread while workers are forked: they inherit the mask, so a
+    signal that lands between the fork and `_worker_init` waits for `_worker_init` instead of killing them."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _exiting_event():
+    global _owner_exiting
+    if _owner_exiting is None:
+        _owner_exiting = multiprocessing.Event()
+        atexit.register(_allow_termination)  # after torch's and multiprocessing's hooks, so it runs first
+    return _owner_exiting
 
 
 class _AugmentedSteps(IterableDataset):
@@ -55,9 +107,20 @@ class TorchvisionPairLoader(EpochCursor):
         if self.step >= total:
             return
         dataset = _AugmentedSteps(self.source, self.augmenter, epoch, self.step)
+        init = functools.partial(_worker_init, _exiting_event()) if self.num_workers else None
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            pin_memory=self.pin_memory, persistent_workers=False)
-        for out in loader:
+                            pin_memory=self.pin_memory, persistent_workers=False, worker_init_fn=init)
+        with _held():
+            batches = iter(loader)  # forks the workers
+        try:
+            yield from self._in_order(batches, epoch, total)
+        finally:
+            # Closing this generator (or dropping it) stops the workers now rather than at interpreter exit
+            # (what the iterator's __del__ does too, when nothing else holds it).
+            getattr(batches, "_shutdown_workers", lambda: None)()
+
+    def _in_order(self, batches, epoch: int, total: int) -> Iterator[PairBatch]:
+        for out in batches:
             # DataLoader takes from workers round-robin, so this holds while every worker keeps to its
             # share of steps; a source that does not would silently reorder or repeat data.
             if out["step"] != self.step or out["epoch"] != epoch:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -46,6 +49,26 @@ def render_grid(batch: dict, raw, policy, columns: int = 2) -> Image.Image:
     return grid
 
 
+def check_out(path: str) -> str | None:
+    """Why `path` cannot take the PNG (None when it can), found before any shard is read."""
+    out = Path(path)
+    if out.is_dir():
+        return f"--out {path} is a folder: name a .png file in it"
+    folder = out.parent
+    if not folder.is_dir():
+        if folder.exists():
+            return f"--out {path}: {folder} is a file, not a folder: choose another --out"
+        return f"--out {path}: the folder {folder} does not exist: create it or choose another --out"
+    if out.exists() and not os.access(out, os.W_OK):
+        return f"--out {path}: no permission to overwrite it: choose another --out"
+    try:  # permissions, a read-only file system (/sys): only writing tells
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".medssl-preview-"):
+            pass
+    except OSError as e:
+        return f"--out {path}: cannot write in {folder} ({e.strerror or e}): choose another --out"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="medssl-preview", description=__doc__)
     p.add_argument("shards", help="a medssl-shard build (local path or fsspec URL)")
@@ -60,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     from ..augment.torchvision_backend import TorchvisionAugmenter
 
+    problem = check_out(a.out)
+    if problem:
+        print(f"medssl-preview: error: {problem}", file=sys.stderr)
+        return 2
     try:
         policy = policy_from_config({"preset": a.preset, "size": a.size})
         source = ShardPairSource(ShardSet.open(a.shards, a.split), 0, 1, a.pairs, a.mode, a.seed)
@@ -67,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medssl-preview: error: {e}", file=sys.stderr)
         return 2
     raw = next(source.batches(a.epoch))
-    render_grid(TorchvisionAugmenter(policy)(raw), raw, policy).save(a.out)
+    grid = render_grid(TorchvisionAugmenter(policy)(raw), raw, policy)
+    try:
+        grid.save(a.out, format="PNG")
+    except OSError as e:  # what os.access cannot see: a read-only file system (/sys), a full disk
+        print(f"medssl-preview: error: cannot write --out {a.out} ({e.strerror or e}): choose another --out",
+              file=sys.stderr)
+        return 2
     print(f"wrote {a.out}: {int(raw.valid.sum())} pairs from {a.shards} ({a.split}, {a.mode}, {a.preset})")
     return 0
 

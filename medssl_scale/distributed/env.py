@@ -37,7 +37,9 @@ def resolve(env: dict | None = None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
-        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else max(1, world)
+        # torchrun exports LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE (processes on this node).
+        size_var = next((v for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if v in env), None)
+        local_world = _int(env, size_var) if size_var else max(1, world)
         launcher = "torchrun"
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")

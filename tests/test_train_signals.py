@@ -1,0 +1,173 @@
+"""Signals, ports and launch errors through the real deepspeed launcher (2 CPU processes, DataLoader workers):
+SIGTERM or Ctrl-C to the whole process group checkpoints and resumes exactly, a signal on one rank is named
+by all, CPU thread counts, a taken rendezvous port, and user errors that are one line, once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from shardtools import REPO
+from trainrun import (FAST, VENV_BIN, build_sample_shards, env, env_without_omp, losses, run, signal_group,
+                      start_logged, wait_for_step)
+
+pytestmark = pytest.mark.train
+# DataLoader workers on: Slurm and a terminal signal them too (FAST alone has none).
+STEPS = ["train.steps=5", "train.checkpoint_every=100", "data.workers=1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return build_sample_shards(tmp_path_factory.mktemp("signals") / "shards")
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = run("deepspeed", run_dir, shards, *STEPS)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def _checkpoint_step(run_dir) -> int:
+    return json.loads((run_dir / "checkpoints" / "complete.json").read_text())["step"]
+
+
+def _warnings(output: str, pattern: str) -> list[str]:
+    return [line for line in output.splitlines() if "WARNING" in line and re.search(pattern, line)]
+
+
+def test_sigterm_to_the_group_with_loader_workers_checkpoints_and_resumes(reference, shards, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "out.log"
+    proc = start_logged("deepspeed", run_dir, shards, *STEPS, log=log)
+    wait_for_step(run_dir, 2, proc)
+    rc = signal_group(proc, signal.SIGTERM)
+    output = log.read_text()
+    # The deepspeed command has no SIGTERM handler on one node: it dies of the signal at once (143 in a
+    # shell); its launch.py child terminates the ranks' trees and waits up to 30 s, then exits 1.
+    assert rc == -signal.SIGTERM, output[-3000:]
+    assert "DataLoader worker" not in output and "Traceback" not in output, output[-3000:]
+    saved = _warnings(output, r"SIGTERM received \(by [12] of 2 ranks\)")  # a rank may agree before its signal lands
+    assert len(saved) == 1 and "exiting with status 99" in saved[0], output[-3000:]
+    assert _checkpoint_step(run_dir) == losses(run_dir)[-1][0] >= 2  # the last step run is the one saved
+    proc = run("deepspeed", run_dir, shards, *STEPS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step" in proc.stdout + proc.stderr
+    assert losses(run_dir) == losses(reference)
+
+
+def test_ctrl_c_checkpoints_with_one_line_and_no_rank_tracebacks(shards, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "out.log"
+    proc = start_logged("deepspeed", run_dir, shards, *STEPS, log=log)
+    wait_for_step(run_dir, 2, proc)
+    rc = signal_group(proc, signal.SIGINT)  # what Ctrl-C in a terminal does
+    output = log.read_text()
+    saved = _warnings(output, r"SIGINT received \(by [12] of 2 ranks\)")
+    assert len(saved) == 1 and "checkpoint step" in saved[0], output[-3000:]
+    assert _checkpoint_step(run_dir) == losses(run_dir)[-1][0] >= 2
+    # The only traceback left is the deepspeed command's own (runner.py waits for launch.py without a SIGINT
+    # handler on one node); it exits of SIGINT (130 in a shell).
+    tracebacks = output.split("Traceback (most recent call last):")[1:]
+    assert len(tracebacks) <= 1 and all("deepspeed/launcher/runner.py" in t for t in tracebacks), output[-3000:]
+    assert rc == -signal.SIGINT
+
+
+@pytest.fixture(scope="module")
+def usr1_on_rank1(shards, tmp_path_factory):
+    """A run without OMP_NUM_THREADS; SIGUSR1 reaches rank 1 only (not rank 0, which logs)."""
+    tmp = tmp_path_factory.mktemp("usr1")
+    run_dir, log = tmp / "run", tmp / "out.log"
+    proc = start_logged("deepspeed", run_dir, shards, *STEPS, log=log, environ=env_without_omp())
+    wait_for_step(run_dir, 2, proc)
+    # The rank process, not its DataLoader worker (a fork of it, with the same command line).
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "--local_rank=1" in p.cmdline() and "--local_rank=1" not in p.parent().cmdline()]
+    assert len(ranks) == 1, ranks
+    ranks[0].send_signal(signal.SIGUSR1)
+    rc = proc.wait(timeout=150)
+    return run_dir, log.read_text(), rc
+
+
+def test_a_signal_on_one_rank_is_agreed_and_named(usr1_on_rank1):
+    run_dir, output, rc = usr1_on_rank1
+    assert rc == 99, output[-3000:]  # both ranks exited 99: launch.py passes the status on
+    saved = _warnings(output, r"SIGUSR1 received \(by 1 of 2 ranks\)")
+    assert len(saved) == 1, output[-3000:]
+    assert _checkpoint_step(run_dir) == losses(run_dir)[-1][0] >= 2
+
+
+def test_cpu_threads_without_omp_num_threads_are_cores_over_processes(usr1_on_rank1):
+    _, output, _ = usr1_on_rank1
+    expected = max(1, len(os.sched_getaffinity(0)) // 2)
+    lines = [line for line in output.splitlines() if "CPU threads per process:" in line]
+    assert len(lines) == 1 and f"CPU threads per process: {expected} (" in lines[0], output[-3000:]
+
+
+def test_a_taken_rendezvous_port_is_one_line_naming_master_port(shards, tmp_path):
+    with socket.socket() as taken:  # another job's rendezvous, as far as the trainer can tell
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "launch/pretrain.py",
+             "--config", "configs/debug_cpu.yaml", f"run_dir={tmp_path / 'run'}", f"data.shards={shards}", *FAST],
+            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(errors) == 1 and f"port {port}" in errors[0] and "--master_port" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_config_error_under_the_deepspeed_launcher_appears_once(shards, tmp_path):
+    proc = run("deepspeed", tmp_path / "run", shards, "train.stepz=3", timeout=300)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "pretrain: error:" in line]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and "did you mean 'train.steps'" in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("where", ["/sys/medssl-run", "file/run"])
+def test_an_unwritable_run_dir_is_one_line_before_any_work(shards, tmp_path, where):
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    run_dir = where if where.startswith("/") else tmp_path / where
+    # Also bad shards: the run_dir check comes first, before data is opened.
+    proc = run("python", run_dir, shards, "data.shards=/nonexistent/shards", timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(errors) == 1 and f"run_dir={run_dir} cannot be written" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_pretrain_without_config_names_the_option_and_an_example():
+    proc = subprocess.run([sys.executable, "launch/pretrain.py", "train.steps=3"], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "pretrain: error: --config is required: name a run config, e.g. --config configs/debug_cpu.yaml "
+        "(configs/ holds one per stage)"]
+
+
+def test_cpu_thread_rule_and_port_fallback():
+    from medssl_scale.distributed.env import DistEnv, resolve
+    from medssl_scale.distributed.launch import cpu_threads, free_port, slurm_job_port
+
+    cores = len(os.sched_getaffinity(0))
+    two = DistEnv(0, 2, 0, 2, "torchrun")
+    assert cpu_threads(two, {}) == max(1, cores // 2)
+    assert cpu_threads(two, {"OMP_NUM_THREADS": "4"}) is None  # the user's choice stands
+    assert cpu_threads(DistEnv(0, 8, 0, 8, "slurm"), {"SLURM_CPUS_PER_TASK": "3"}) == 3  # already per task
+    # The deepspeed launcher names the processes of a node LOCAL_SIZE (torchrun: LOCAL_WORLD_SIZE).
+    assert resolve({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_SIZE": "8"}).local_world_size == 8
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert free_port(port) != port
+    assert 20000 <= slurm_job_port("123") < 40000 and slurm_job_port("123") == slurm_job_port("123")
