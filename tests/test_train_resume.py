@@ -103,3 +103,15 @@ def test_zero3_on_two_nodes_with_checkpoints_on_s3_exports_the_whole_model(s3_en
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = torch.load(out, weights_only=True)["state_dict"]
     assert all(torch.equal(again[k], enc[k]) for k in enc)
+
+
+def test_accumulated_steps_with_activation_checkpointing_count_bn_once_per_micro_batch(shards, tmp_path):
+    """2 steps x 2 micro-batches through the launcher: every BN of the exported encoder has seen exactly 4
+    forwards (not 8: neither the cached-embedding pass nor the recomputation counts)."""
+    run_dir = tmp_path / "run"
+    proc = run("deepspeed", run_dir, shards, "train.steps=2", "train.grad_accum=2", "optim.warmup_steps=0",
+               "train.activation_checkpointing=true", "train.checkpoint_every=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    encoder = torch.load(run_dir / "encoder.pt", weights_only=True)["state_dict"]
+    counts = {int(v) for k, v in encoder.items() if k.endswith("num_batches_tracked")}
+    assert counts == {4}, counts

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
@@ -22,13 +21,15 @@ from ..data.loader import make_pair_loader
 from ..distributed.env import resolve
 from ..distributed.launch import init_process_group
 from ..distributed.sync import barrier
-from ..losses.ntxent import nt_xent
 from ..optim import lr_at
 from .builders import build_model, build_optimizer, peak_lr
-from .checkpoint import Checkpoints, export_encoder
+from .checkpoint import Checkpoints
 from .metrics import MetricsLog, StepTimer
 from .plan import batch_plan, check_combination, deepspeed_config
 from .preempt import Preemption
+from .rundir import check_run_dir
+from .step import ContrastiveStep
+from .storage import encoder_arch
 
 log = logging.getLogger("medssl.train")
 PREEMPTED_EXIT = 99  # "checkpoint saved after a signal: requeue me" (see launch/slurm/pretrain.sbatch)
@@ -43,13 +44,6 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT)
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
-    # bf16 is autocast over fp32 weights: LARS and the optimizer states stay exact, matmuls run in bf16.
-    if cfg.train.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig):
         # 1. Everything that can be checked without processes or data, first.
@@ -60,7 +54,8 @@ class Trainer:
         except PolicyError as e:
             raise ConfigError(str(e)) from None
         self.cfg = cfg
-        # 2. Processes.
+        check_run_dir(cfg.run_dir)  # every rank writes there (checkpoint staging): fail before processes start
+        # 2. Processes (on CPU each also sets its intra-op thread count: see distributed/launch.py).
         cuda = torch.cuda.is_available()
         self.dist = init_process_group(cuda)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if cuda else "cpu")
@@ -84,10 +79,12 @@ class Trainer:
 
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(cfg, model),
                                                     config=deepspeed_config(cfg, self.plan))
+        self.contrastive_step = ContrastiveStep(self.engine, cfg, self.device)
         self.checkpoints = Checkpoints(cfg.train.checkpoint_dir or str(self.run_dir / "checkpoints"),
-                                       cfg.train.keep_checkpoints, self.dist.rank, cfg.content_hash(),
+                                       cfg.train.keep_checkpoints, self.dist.rank,
+                                       cfg.content_hash(self.loader.source.shardset.fingerprint),
                                        staging=str(self.run_dir / ".checkpoint-staging"),
-                                       local_rank=self.dist.local_rank)
+                                       local_rank=self.dist.local_rank, encoder_arch=encoder_arch(cfg))
         # 4. Resume where the last complete checkpoint stopped.
         client = self.checkpoints.load(self.engine)
         self.step = client["step"] if client else 0
@@ -98,6 +95,14 @@ class Trainer:
         if cfg.optim.warmup_steps > self.total_steps:
             raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} exceeds the run's "
                               f"{self.total_steps} steps")
+        planned = client.get("total_steps", self.total_steps) if client else self.total_steps
+        if planned != self.total_steps and not cfg.train.extend:
+            raise ConfigError(f"{self.checkpoints.url} holds a run planned for {planned} steps (now at step "
+                              f"{self.step}); this config asks for {self.total_steps}: add train.extend=true to "
+                              f"continue to {self.total_steps} (the learning-rate schedule is recomputed for it)")
+        if self.step > self.total_steps:
+            raise ConfigError(f"train.steps={self.total_steps} is below the {self.step} steps already done in "
+                              f"{self.checkpoints.url}")
         if client and self.dist.is_main:
             log.info("resumed from step %d (data epoch %d, batch %d)", self.step, client["data"]["epoch"],
                      client["data"]["step"])
@@ -116,24 +121,9 @@ class Trainer:
             state = self.loader.state_dict()
             self.loader.set_epoch(state["epoch"] + 1, 0)
 
-    def _forward_backward(self, batch) -> tuple[float, float]:
-        x = torch.cat([batch.view1, batch.view2]).to(self.device, non_blocking=True)
-        if self.cfg.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.cfg.train.precision == "fp16":
-            x = x.half()
-        with _autocast(self.cfg, self.device):
-            _, embeddings = self.engine(x)
-        z1, z2 = embeddings.float().chunk(2)
-        out = nt_xent(z1, z2, self.cfg.loss.temperature, patient=batch.patient.to(self.device),
-                      valid=batch.valid.to(self.device), exclude_same_patient=self.cfg.loss.exclude_same_patient,
-                      chunk_size=self.cfg.loss.chunk_size)
-        self.engine.backward(out.loss)
-        self.engine.step()
-        return float(out.global_loss), float(out.accuracy)
-
     def _save(self) -> str:
-        return self.checkpoints.save(self.engine, self.step, {"step": self.step, "data": self.loader.state_dict()})
+        return self.checkpoints.save(self.engine, self.step, {"step": self.step, "data": self.loader.state_dict(),
+                                                              "total_steps": self.total_steps})
 
     def train(self) -> dict:
         t, main = self.cfg.train, self.dist.is_main
@@ -143,8 +133,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 lr = self._set_lr()
-                losses, accs = zip(*(self._forward_backward(next(batches)) for _ in range(self.plan.grad_accum)))
-                loss, acc = sum(losses) / len(losses), sum(accs) / len(accs)
+                loss, acc = self.contrastive_step([next(batches) for _ in range(self.plan.grad_accum)])
                 if not math.isfinite(loss):
                     raise TrainingError(f"non-finite loss ({loss}) at step {self.step + 1}: stopping; the last "
                                         f"good checkpoint ({last_saved or 'none yet'}) is left untouched")
@@ -158,14 +147,16 @@ class Trainer:
                     last_saved = self._save()
                 if stop:
                     if main:
-                        log.warning("%s received: checkpoint %s saved, exiting for requeue", preemption.received,
-                                    last_saved)
+                        log.warning("%s received (by %d of %d ranks): checkpoint %s saved, exiting with status %d "
+                                    "(rerun the same command to resume)", stop, preemption.ranks_received,
+                                    self.dist.world_size, last_saved, PREEMPTED_EXIT)
                     raise Preempted()
         finally:
             metrics.close()
+            batches.close()  # stops the loader's workers now: they ignore SIGTERM, so none may outlive us
         encoder = self.run_dir / "encoder.pt"
         if main:
-            export_encoder(str(self.checkpoints.dir), str(encoder))
+            self.checkpoints.export(str(encoder))
         barrier()
         return {"steps": self.step, "encoder": str(encoder), "checkpoint": last_saved,
                 "corrupt_skipped": getattr(self.loader, "corrupt_skipped", 0)}
