@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 from dataclasses import replace
 
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from medssl_scale.augment.policy import IMAGENET_MEAN, IMAGENET_STD, AugmentPolicy, ViewPolicy, preset
-from medssl_scale.augment.torchvision_backend import (CorruptImage, TorchvisionAugmenter, augment_view,
-                                                      decode_rgb, normalize)
+from medssl_scale.augment.policy import (IMAGENET_MEAN, IMAGENET_STD, AugmentPolicy, ViewPolicy, draw_pair,
+                                        neutral_params, preset)
+from medssl_scale.augment.torchvision_backend import (CorruptImage, TorchvisionAugmenter, apply_view,
+                                                      augment_view, decode_rgb, normalize)
 from medssl_scale.augment.torchvision_loader import TorchvisionPairLoader
 from medssl_scale.data.batch import RawPairBatch, padding_like
 
@@ -48,7 +50,7 @@ def mid_image(seed: int = 2) -> np.ndarray:
 
 def view(img: np.ndarray, policy: ViewPolicy, size: int = 32, seed: int = 0) -> np.ndarray:
     """augment_view of a PNG-encoded image as (size, size, 3) float."""
-    out = augment_view(decode_rgb(encode(img, "PNG")), policy, size, torch.Generator().manual_seed(seed))
+    out = augment_view(decode_rgb(encode(img, "PNG")), policy, size, random.Random(seed))
     assert out.shape == (3, size, size) and out.dtype == torch.float32
     return out.permute(1, 2, 0).numpy()
 
@@ -224,6 +226,31 @@ def test_same_seeds_give_identical_outputs_and_different_seeds_different_crops()
     for i in range(4):
         assert not torch.equal(a["view1"][i], c["view1"][i])
         assert not torch.equal(a["view1"][i], a["view2"][i])  # view 2 continues the generator
+
+
+def test_the_augmenter_applies_the_parameters_drawn_from_each_pair_seed():
+    # Crop and flip only: every view is PIL's resize of the window that draw_pair gives for the pair's seed
+    # (the DALI backend applies the same draws: tests/test_augment_dali.py compares the two).
+    img = colour_image(48, 64)
+    crop_flip = ViewPolicy(crop_scale=(0.2, 0.6), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    policy = AugmentPolicy(size=24, views=(crop_flip, crop_flip))
+    seeds = [3, 2**63 + 5, 77, 78]
+    out = TorchvisionAugmenter(policy)(make_raw([encode(img, "PNG")] * 4, seeds))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    flips = []
+    for i, seed in enumerate(seeds):
+        for v, p in enumerate(draw_pair(seed, (48, 64), (48, 64), policy)):
+            ref = pil_resize(np.ascontiguousarray(img[p.top:p.top + p.height, p.left:p.left + p.width]), 24)
+            got = (out[f"view{v + 1}"][i] * std + mean).permute(1, 2, 0).numpy()
+            assert np.abs(got - (ref[:, ::-1] if p.flip else ref)).max() < 1.5 / 255, (i, v, p)
+            flips.append(p.flip)
+    assert 0 < sum(flips) < len(flips)  # both branches were exercised
+
+
+def test_neutral_parameters_give_the_plain_resize():
+    img = colour_image(40, 40)
+    out = apply_view(decode_rgb(encode(img, "PNG")), neutral_params(40, 40), PLAIN, 20)
+    assert np.abs(out.permute(1, 2, 0).numpy() - pil_resize(img, 20)).max() < 1.5 / 255
 
 
 def test_a_pair_depends_on_its_seed_only_not_its_position():

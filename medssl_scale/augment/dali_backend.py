@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import nvidia.dali.types as types
 from nvidia.dali import Pipeline, pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from medssl_scale.augment.policy import AugmentPolicy, ViewPolicy
+from medssl_scale.augment.policy import AugmentPolicy, ViewParams, ViewPolicy, draw_pair, neutral_params
 from medssl_scale.data.batch import CorruptImage, EpochCursor, PairBatch, PairSource, RawPairBatch
 
 _LUMA = (0.299, 0.587, 0.114)          # ITU-R 601, as torchvision's rgb_to_grayscale and DALI's hsv
@@ -37,7 +38,10 @@ def _make_placeholder() -> bytes:
 # afterwards): a DALI batch cannot skip a sample, and one undecodable sample fails the whole batch.
 PLACEHOLDER_JPEG = _make_placeholder()
 _PLACEHOLDER = np.frombuffer(PLACEHOLDER_JPEG, np.uint8)
+_PLACEHOLDER_PARAMS = neutral_params(8, 8)
 _TRUE, _FALSE = np.array(True), np.array(False)
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic ...): C0-CF but DHT, JPG, DAC.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 def probe_decode(data: bytes) -> str | None:
@@ -82,9 +86,76 @@ def _dali_reason(err: Exception) -> str:
     return lines[0][:200] if lines else type(err).__name__
 
 
-def derive_seed(seed: int, epoch: int, start_step: int) -> int:
-    """DALI pipeline seed for an epoch entered at `start_step`: differs per epoch, same on a restart."""
-    return int(np.random.SeedSequence([int(seed), int(epoch), int(start_step)]).generate_state(1)[0] & 0x7FFFFFFF)
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of an encoded image from its header, as DALI decodes it here (EXIF orientation not
+    applied, like torchvision's decode_image); None if unreadable or empty.
+
+    JPEG (the SOF segment) and PNG (IHDR) are parsed directly in a few microseconds (PIL's Image.open takes
+    ~50-150 us, which at batch 256 would cost the feeding thread tens of ms per step); other formats use PIL.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        width, height = struct.unpack_from(">II", data, 16)
+        return (height, width) if height and width else None
+    if data[:2] == b"\xff\xd8":
+        i, n = 2, len(data)
+        while i + 9 <= n and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker == 0xFF:                         # fill byte before a marker
+                i += 1
+            elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+                i += 2
+            elif marker in _SOF_MARKERS:
+                height, width = struct.unpack_from(">HH", data, i + 5)
+                return (height, width) if height and width else None
+            else:
+                i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                width, height = im.size
+    except Exception:  # noqa: BLE001 - PIL raises many types for bad data; all mean "no size"
+        return None
+    return (height, width) if height and width else None
+
+
+def _param_names(view: ViewPolicy) -> tuple[str, ...]:
+    """The parameters a view's graph takes from the host, in feeding order: only those its policy uses
+    (DALI warns about, and still copies, unused external_source outputs)."""
+    jitter = view.jitter_p > 0
+    names = ["roi_start", "roi_end"]
+    if view.rotate_deg > 0:
+        names.append("angle")
+    if jitter and view.brightness > 0:
+        names.append("brightness")
+    if jitter and view.contrast > 0:
+        names.append("contrast")
+    if (jitter and view.saturation > 0) or view.grayscale_p > 0:
+        names.append("saturation")
+    if jitter and view.hue > 0:
+        names.append("hue")
+    if view.blur_p > 0:
+        names += ["blur", "sigma"]
+    return tuple(names)
+
+
+def _param_arrays(params: list[ViewParams], names: tuple[str, ...]) -> list[np.ndarray]:
+    """One view's parameters as per-sample batches for DALI: (B, 2) float32 ROIs, (B,) scalars, (B,) bool.
+
+    The ROI is the crop window in (y, x) order, with its x ends swapped where the view is flipped: DALI's
+    resize mirrors a region whose start exceeds its end, so the flip happens after the crop and before the
+    rotation, as in the torchvision backend. Grayscale is folded into saturation (0: hsv then gives the
+    ITU-R 601 luma in all three channels, as Grayscale(3) after the jitter).
+    """
+    col = dict(zip(ViewParams._fields, np.array(params, dtype=np.float64).T))  # bools as 0/1
+    top, left, flip = col["top"], col["left"], col["flip"] > 0
+    right = left + col["width"]
+    values = dict(col, roi_start=np.stack([top, np.where(flip, right, left)], 1),
+                  roi_end=np.stack([top + col["height"], np.where(flip, left, right)], 1),
+                  saturation=col["saturation"] * (1.0 - col["grayscale"]),
+                  hue=360.0 * col["hue"])  # turns -> degrees, fn.hsv's unit
+    return [values["blur"] > 0 if name == "blur" else np.ascontiguousarray(values[name], dtype=np.float32)
+            for name in names]
 
 
 @dataclass
@@ -97,11 +168,13 @@ class _Fed:
     same: list[np.ndarray]       # bool scalars: view 2 comes from the same image as view 1
     valid: np.ndarray            # bool (B,): raw.valid minus corrupt entries
     corrupt: int                 # pairs dropped as corrupt in this step
+    params: tuple[list[ViewParams], list[ViewParams]]  # each view's draws, kept for a replay after a recovery
     error: str | None = None     # first corrupt image, named by key (raised at this step when on_corrupt="error")
 
     def drop(self, i: int, which: int, reason: str) -> None:
         self.first[i] = self.second[i] = _PLACEHOLDER
         self.same[i] = _TRUE
+        self.params[0][i] = self.params[1][i] = _PLACEHOLDER_PARAMS
         if self.valid[i]:
             self.valid[i] = False
             self.corrupt += 1
@@ -110,34 +183,35 @@ class _Fed:
                 self.error = f"{key} (epoch {self.raw.epoch}, step {self.raw.step}): {reason}"
 
 
-def _prepare(raw: RawPairBatch, decode_once: bool = True, check=check_encoded) -> _Fed:
+def _prepare(raw: RawPairBatch, policy: AugmentPolicy, decode_once: bool = True, check=check_encoded) -> _Fed:
+    """One step's DALI inputs: encoded images (placeholders where padding or corrupt) and every view's
+    parameters, drawn here from the pair's seed and image sizes (`draw_pair`, as the torchvision backend)."""
     n = len(raw)
     fed = _Fed(raw=raw, first=[_PLACEHOLDER] * n, second=[_PLACEHOLDER] * n, same=[_TRUE] * n,
-               valid=np.asarray(raw.valid, dtype=bool).copy(), corrupt=0)
+               valid=np.asarray(raw.valid, dtype=bool).copy(), corrupt=0,
+               params=([_PLACEHOLDER_PARAMS] * n, [_PLACEHOLDER_PARAMS] * n))
     for i in range(n):
         if not fed.valid[i]:
             continue  # padding: placeholder in, zeros out
         a, b = raw.first[i], raw.second[i]
         reason = check(a)
-        if reason is not None:
-            fed.drop(i, 0, reason)
+        size_a = image_size(a) if reason is None else None
+        if size_a is None:
+            fed.drop(i, 0, reason or "unreadable image header (no size)")
             continue
         same = b is a or b == a  # SimCLR pairs carry the same bytes twice: check and decode once
         reason = None if same else check(b)
-        if reason is not None:
-            fed.drop(i, 1, reason)
+        size_b = size_a if same else image_size(b) if reason is None else None
+        if size_b is None:
+            fed.drop(i, 1, reason or "unreadable image header (no size)")
             continue
+        fed.params[0][i], fed.params[1][i] = draw_pair(raw.seeds[i], size_a, size_b, policy)
         fed.first[i] = np.frombuffer(a, np.uint8)
         if not same:
             fed.second[i], fed.same[i] = np.frombuffer(b, np.uint8), _FALSE
         elif not decode_once:
             fed.second[i] = fed.first[i]
     return fed
-
-
-def _coin(p: float):
-    """Per-sample 1.0 with probability p, else 0.0 (coin_flip itself makes only bool, uint8 or int32)."""
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
 
 
 def _gray_mean(x):
@@ -147,21 +221,23 @@ def _gray_mean(x):
 
 
 def _brightness_contrast(x, brightness, contrast, fused: bool):
-    """torchvision's adjust_brightness then adjust_contrast (about the image's gray mean), uint8 in and out.
+    """torchvision's adjust_brightness then adjust_contrast (about the brightened image's gray mean), uint8
+    in and out; None skips a factor.
 
-    b * (m + c (x - m)) with m the gray mean of x equals contrast about the mean of the brightened image
-    b x applied to b x; only the clamp of b x before the contrast step is skipped. On the CPU that is one
-    brightness_contrast pass with the mean as its contrast_center. On the GPU the mean is GPU data and an
-    operator's argument inputs must be CPU data, so the same formula is written as arithmetic.
+    The brightness pass saturates at 255, which is torchvision's clamp before the contrast step (folding
+    both into one pass skips that clamp: 2 levels mean and up to 15 per image off torchvision's output
+    at SimCLR strength, measured on the test images). On the CPU the contrast is a brightness_contrast
+    pass with the gray mean as its contrast_center. On the GPU the mean is GPU data and an operator's
+    argument inputs must be CPU data, so the same formula is written as arithmetic.
     """
-    if brightness is None and contrast is None:
-        return x
-    b = 1.0 if brightness is None else brightness
+    if brightness is not None:
+        x = fn.brightness_contrast(x, brightness=brightness)
     if contrast is None:
-        return fn.brightness_contrast(x, brightness=b)
+        return x
+    mean = _gray_mean(x)
     if fused:
-        return fn.brightness_contrast(x, brightness=b, contrast=contrast, contrast_center=_gray_mean(x))
-    y = (x * contrast + _gray_mean(x) * (1.0 - contrast)) * b
+        return fn.brightness_contrast(x, contrast=contrast, contrast_center=mean)
+    y = x * contrast + mean * (1.0 - contrast)
     return fn.cast(dmath.clamp(y, 0.0, 255.0), dtype=types.UINT8)
 
 
@@ -181,63 +257,36 @@ def _gaussian_blur(x, window: int, sigma, on_gpu: bool):
     return fn.filter(fn.filter(x, row), col)
 
 
-def _view_graph(img, view: ViewPolicy, policy: AugmentPolicy, on_gpu: bool):
+def _view_graph(img, view: ViewPolicy, policy: AugmentPolicy, on_gpu: bool, p: dict):
     """DALI ops for one view of decoded uint8 HWC `img` (on the CPU or GPU, like `img`): normalized CHW.
 
-    Random arguments come from DALI's CPU random ops (argument inputs must live on the CPU). Jitter is
-    applied with probability jitter_p by making its factors neutral (1, hue 0) where the coin says no; blur
-    runs only where its coin says yes (a DALI conditional, which splits the batch). Pixels stay uint8
-    between ops, as in DALI's own fused colour ops, which round and saturate their outputs.
+    `p` holds the view's parameters drawn on the host (`_param_names` of `view`; CPU data, as argument inputs
+    must be), so the graph has no random op: its outputs depend on the images and those draws only. Ops a
+    policy never uses are left out of the graph; where a sample's draw says "off" its parameters are
+    neutral (factor 1, hue 0), except blur, which runs only where the sample's predicate says so (a DALI
+    conditional, which splits the batch). Pixels stay uint8 between ops, as in DALI's own fused colour ops,
+    which round and saturate their outputs.
     """
     size = policy.size
-    # Area uniform in crop_scale, aspect ratio log-uniform in crop_ratio, up to 10 tries, then a fallback
-    # crop clamped to the ratio range: torchvision's RandomResizedCrop (dali/util/random_crop_generator.cc).
-    x = fn.random_resized_crop(img, size=[size, size], random_area=list(view.crop_scale),
-                               random_aspect_ratio=list(view.crop_ratio), num_attempts=10,
-                               interp_type=types.INTERP_LINEAR, antialias=True)
-    if view.rotate_deg > 0:
-        x = fn.rotate(x, angle=fn.random.uniform(range=[-view.rotate_deg, view.rotate_deg]), keep_size=True,
-                      fill_value=0.0, interp_type=types.INTERP_LINEAR)
-
-    jitter = view.jitter_p > 0 and max(view.brightness, view.contrast, view.saturation, view.hue) > 0
-    coin = _coin(view.jitter_p) if jitter else None
-
-    def factor(amount: float):
-        """Uniform in [max(0, 1 - a), 1 + a] where the jitter coin says yes, else exactly 1; None if a == 0."""
-        if not jitter or amount <= 0:
-            return None
-        u = fn.random.uniform(range=[max(0.0, 1.0 - amount), 1.0 + amount])
-        return 1.0 + coin * (u - 1.0)
-
-    x = _brightness_contrast(x, factor(view.brightness), factor(view.contrast), fused=not on_gpu)
-    saturation = factor(view.saturation)
-    hue = None
-    if jitter and view.hue > 0:  # turns of the colour wheel -> degrees
-        hue = coin * fn.random.uniform(range=[-360.0 * view.hue, 360.0 * view.hue])
-    if view.grayscale_p > 0:
-        # hsv with saturation 0 is the ITU-R 601 luma in all three channels, as Grayscale(3) after jitter.
-        keep = 1.0 - _coin(view.grayscale_p)
-        saturation = keep if saturation is None else saturation * keep
-    if saturation is not None or hue is not None:
+    # The crop window (flipped where drawn) resized in one pass: torchvision's crop then resize, antialiased.
+    x = fn.resize(img, size=[size, size], roi_start=p["roi_start"], roi_end=p["roi_end"], roi_relative=False,
+                  interp_type=types.INTERP_LINEAR, antialias=True)
+    if "angle" in p:
+        x = fn.rotate(x, angle=p["angle"], keep_size=True, fill_value=0.0, interp_type=types.INTERP_LINEAR)
+    x = _brightness_contrast(x, p.get("brightness"), p.get("contrast"), fused=not on_gpu)
+    if "saturation" in p or "hue" in p:
         # One linear map in RGB for both: saturation scales chroma about the luma axis (torchvision's blend
         # with grayscale, the same map); hue rotates chroma about that axis. The rotation is DALI's linear
         # stand-in for an HSV hue shift and NOT torchvision's adjust_hue: it keeps luma where HSV keeps
         # value and saturation, and it moves colours further (red +30 deg: (200,40,40) -> (171,73,0) here,
         # (200,120,40) in HSV), so hue jitter differs between the backends.
-        x = fn.hsv(x, saturation=1.0 if saturation is None else saturation, hue=0.0 if hue is None else hue)
-
-    if view.blur_p > 0:
-        if fn.random.coin_flip(probability=view.blur_p, dtype=types.BOOL):
-            sigma = fn.random.uniform(range=list(view.blur_sigma))
-            x = _gaussian_blur(x, view.blur_kernel(size), sigma, on_gpu)
-
-    # The horizontal flip is done here, fused with normalization. Moving it after rotation, colour and blur
-    # leaves the distribution of outputs unchanged: those ops commute with a mirror (a rotation by a with a
-    # rotation by -a, and the angle is symmetric about 0), and the crop window's position is symmetric too.
+        x = fn.hsv(x, saturation=p.get("saturation", 1.0), hue=p.get("hue", 0.0))
+    if "blur" in p:
+        if p["blur"]:
+            x = _gaussian_blur(x, view.blur_kernel(size), p["sigma"], on_gpu)
     dtype = types.FLOAT16 if policy.dtype == "bfloat16" else types.FLOAT
     return fn.crop_mirror_normalize(x, dtype=dtype, output_layout="CHW",
-                                    mean=[255.0 * m for m in policy.mean], std=[255.0 * s for s in policy.std],
-                                    mirror=fn.random.coin_flip(probability=view.flip_p))
+                                    mean=[255.0 * m for m in policy.mean], std=[255.0 * s for s in policy.std])
 
 
 class DaliPairLoader(EpochCursor):
@@ -248,13 +297,16 @@ class DaliPairLoader(EpochCursor):
     as in TorchvisionPairLoader: call `set_epoch` before each epoch; `state_dict()` names the first step not
     yet yielded and `load_state_dict` resumes there.
 
-    Randomness: DALI's random ops draw from the pipeline seed, derived from (seed, epoch, start step), so
-    every epoch differs and a restart from the same cursor repeats its draws (on the same device: DALI
-    seeds each operator from the pipeline seed by its place in the graph, and the CPU and GPU graphs differ
-    slightly, see `_brightness_contrast`). Per-sample draws are not bit-identical to the torchvision
-    backend's (different generators; RawPairBatch.seeds are not used): the policy - the distributions drawn
-    from, in the same order - is the same, with one exception: hue jitter, where DALI's op is a chroma
-    rotation rather than an HSV hue shift (see `_view_graph`).
+    Randomness: none inside DALI. Every parameter of each view (crop window, flip, angle, jitter factors,
+    grayscale, blur and sigma) is drawn on the host by `policy.draw_pair` from the pair's seed
+    (RawPairBatch.seeds, which the source derives from (seed, epoch, global sample number)) and the image
+    sizes read from the encoded headers. So a pair's views depend on its seed and bytes only: ranks draw
+    independently, `num_threads` changes nothing, a loader resumed at step k yields exactly the tensors an
+    uninterrupted one yields there, and steps replayed after a decode failure get their own draws again.
+    The torchvision backend draws the very same parameters for the same pair; its outputs differ from these
+    only by interpolation and uint8 rounding, and by hue, where DALI's op is a chroma rotation rather than
+    an HSV hue shift (see `_view_graph` and docs/data-pipeline.md for measured differences).
+    `seed` is accepted for callers that pass one and not used: the source's seed is the one that counts.
     """
 
     def __init__(self, source: PairSource, policy: AugmentPolicy, device_id: int | None = None,
@@ -267,7 +319,8 @@ class DaliPairLoader(EpochCursor):
         self.source, self.policy = source, policy
         self.device_id = device_id
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
-        self.num_threads, self.on_corrupt, self.seed = num_threads, on_corrupt, seed
+        self.num_threads, self.on_corrupt = num_threads, on_corrupt
+        self._names = tuple(_param_names(v) for v in policy.views)
         self.prefetch_queue_depth = prefetch_queue_depth
         self.decode_once = decode_once
         self.batch_size = int(source.batch_size)
@@ -287,56 +340,68 @@ class DaliPairLoader(EpochCursor):
 
     # -- pipeline --------------------------------------------------------------------------------------
     def _feed(self):
-        """DALI's external_source callback: the next step's encoded images (StopIteration ends the epoch).
+        """DALI's external_source callback: the next step's encoded images and both views' parameters, in
+        `_build`'s order (StopIteration ends the epoch).
 
         DALI calls it from this thread, up to prefetch_queue_depth steps ahead of the outputs, in order;
         so the side data (valid, patient, keys) waits in a FIFO and pairs up with outputs by position.
+        A replayed step is fed from its kept _Fed: the same draws as the first time.
         """
         try:
-            fed = self._replay.popleft() if self._replay else _prepare(next(self._raws), self.decode_once)
+            fed = (self._replay.popleft() if self._replay
+                   else _prepare(next(self._raws), self.policy, self.decode_once))
         except StopIteration:
             raise
         except Exception as e:  # the source's own error: re-raised as is, not taken for a DALI failure
             self._feed_error = e
             raise
         self._inflight.append(fed)
-        return (fed.first, fed.second, fed.same) if self.decode_once else (fed.first, fed.second)
+        images = [fed.first, fed.second, fed.same] if self.decode_once else [fed.first, fed.second]
+        return (*images, *_param_arrays(fed.params[0], self._names[0]),
+                *_param_arrays(fed.params[1], self._names[1]))
 
-    def _build(self, start_step: int) -> Pipeline:
+    def _build(self) -> Pipeline:
         on_gpu = self.device_id is not None
         decode_device = "mixed" if on_gpu else "cpu"
+        n_images = 3 if self.decode_once else 2
+        n1, n2 = (len(names) for names in self._names)
 
+        # No seed: the graph has no random op (every draw is made on the host, see _prepare).
         # enable_conditionals: the `if`s in the graph (here and in _view_graph) run each branch only on the
         # samples whose predicate (a per-sample CPU bool) selects it.
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
-                      seed=derive_seed(self.seed, self.epoch, start_step),
                       prefetch_queue_depth=self.prefetch_queue_depth, enable_conditionals=True)
         def pairs():
-            if self.decode_once:
-                enc1, enc2, same = fn.external_source(source=self._feed, num_outputs=3, batch=True, device="cpu")
-            else:
-                enc1, enc2 = fn.external_source(source=self._feed, num_outputs=2, batch=True, device="cpu")
-            img1 = fn.decoders.image(enc1, device=decode_device, output_type=types.RGB)
+            # All CPU: the parameters are argument inputs, which must be CPU data even when the ops run on
+            # the GPU; the encoded images go to the (mixed) decoder, which takes CPU input.
+            outs = fn.external_source(source=self._feed, num_outputs=n_images + n1 + n2, batch=True, device="cpu")
+            enc1, enc2, same = outs[0], outs[1], outs[2] if self.decode_once else None
+            p1 = dict(zip(self._names[0], outs[n_images:n_images + n1]))
+            p2 = dict(zip(self._names[1], outs[n_images + n1:]))
+            # adjust_orientation=False: the crop windows were drawn for the stored (header) size, and the
+            # torchvision backend does not apply EXIF orientation either (shards store it applied).
+            decode = dict(device=decode_device, output_type=types.RGB, adjust_orientation=False)
+            img1 = fn.decoders.image(enc1, **decode)
             if not self.decode_once:
-                img2 = fn.decoders.image(enc2, device=decode_device, output_type=types.RGB)
+                img2 = fn.decoders.image(enc2, **decode)
             elif same:  # SimCLR pairs (and MICLe patients with one image) carry one image twice: decode once
                 img2 = img1
             else:
-                img2 = fn.decoders.image(enc2, device=decode_device, output_type=types.RGB)
-            return (_view_graph(img1, self.policy.views[0], self.policy, on_gpu),
-                    _view_graph(img2, self.policy.views[1], self.policy, on_gpu))
+                img2 = fn.decoders.image(enc2, **decode)
+            return (_view_graph(img1, self.policy.views[0], self.policy, on_gpu, p1),
+                    _view_graph(img2, self.policy.views[1], self.policy, on_gpu, p2))
 
         pipe = pairs()
         pipe.build()
         self.pipeline_builds += 1
         return pipe
 
-    def _recover(self, err: Exception) -> int:
-        """After DALI failed to decode: find the bad images still in flight, drop them, queue the steps again.
+    def _recover(self, err: Exception) -> None:
+        """After DALI failed to decode: find the bad images still in flight, drop them, queue the steps again
+        (with the draws they had; dropped entries become placeholders).
 
         Suspects are probed with PIL first, then (if PIL accepts them all, as it does some files nvJPEG
-        rejects) one by one with DALI's own decoder. Returns the first step to feed again; raises if no
-        image is to blame.
+        rejects) one by one with DALI's own decoder. Raises if no image is to blame.
         """
         pending = list(self._inflight)
         self._inflight.clear()
@@ -355,7 +420,6 @@ class DaliPairLoader(EpochCursor):
             raise RuntimeError(f"DALI pipeline failed on epoch {self.epoch} steps {steps[0]}..{steps[-1]}, "
                                f"yet every image there decodes alone: {err}") from err
         self._replay.extend(pending)
-        return pending[0].raw.step
 
     def _dali_probe(self, images: list[bytes]) -> list[str | None]:
         """Decode each image alone with this loader's DALI decoder: None where it works, else a reason."""
@@ -411,7 +475,7 @@ class DaliPairLoader(EpochCursor):
         self._replay.clear()
         self._inflight.clear()
         self._feed_error = None
-        pipe = self._build(self.step)
+        pipe = self._build()
         try:
             while True:
                 if self._copied is not None:  # the last outputs' copy must be done before DALI reuses them
@@ -425,7 +489,8 @@ class DaliPairLoader(EpochCursor):
                     if self._feed_error is not None or "decoders.image" not in str(err):
                         raise
                     pipe = None  # a pipeline that failed is dead
-                    pipe = self._build(self._recover(err))
+                    self._recover(err)
+                    pipe = self._build()
                     continue
                 fed = self._inflight.popleft()
                 yield self._emit(fed, outs, epoch)

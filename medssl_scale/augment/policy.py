@@ -1,14 +1,19 @@
-"""The augmentation policy, declared view by view in the run config, shared by both backends.
+"""The augmentation policy, declared view by view in the run config, and the draws both backends apply.
 
-Every random choice a backend makes is drawn from the distributions named here, in this order:
-random resized crop, horizontal flip, rotation, colour jitter (brightness, contrast, saturation, hue,
-always in that order: DALI's colour ops have no random order, so neither has the torchvision path),
-grayscale, Gaussian blur, then normalization.
+Every random choice is made here, on the host, by `draw_pair` from the pair's seed (RawPairBatch.seeds),
+in this order: random resized crop, horizontal flip, rotation, colour jitter (brightness, contrast,
+saturation, hue, always in that order: DALI's colour ops have no random order, so neither has the
+torchvision path), grayscale, Gaussian blur; then normalization. Both backends apply the same
+parameters, so a pair's views depend on its seed and images only, not on the rank, worker, resume point
+or (up to interpolation and the hue op, see docs/data-pipeline.md) the backend.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,6 +102,10 @@ def _checked_view(cfg: dict, base: ViewPolicy, where: str) -> ViewPolicy:
         raise PolicyError(f"{where}: jitter amounts must be >= 0 and hue in [0, 0.5]")
     if not 0 < view.blur_sigma[0] <= view.blur_sigma[1]:
         raise PolicyError(f"{where}.blur_sigma must satisfy 0 < low <= high")
+    if not 0 <= view.rotate_deg <= 180:
+        raise PolicyError(f"{where}.rotate_deg must be in [0, 180] (angles are drawn in [-r, r])")
+    if not 0 < view.blur_kernel_fraction <= 1:
+        raise PolicyError(f"{where}.blur_kernel_fraction must be in (0, 1]")
     return view
 
 
@@ -132,3 +141,90 @@ def policy_from_config(cfg: dict) -> AugmentPolicy:
     return AugmentPolicy(size=size, views=(views[0], views[1]), mean=mean, std=std, dtype=dtype)
 
 
+class ViewParams(NamedTuple):
+    """Every random choice for one view; neutral values (factor 1, angle 0, ...) where a step is off."""
+
+    top: int            # crop window in input pixels: rows top .. top + height, columns left .. left + width
+    left: int
+    height: int
+    width: int
+    flip: bool          # mirror left-right, after the crop and before the rotation
+    angle: float        # degrees, counter-clockwise (torchvision's and DALI's convention)
+    jitter: bool        # the colour jitter coin; the four factors below are neutral where it is False
+    brightness: float   # factor
+    contrast: float     # factor, about the gray mean of the image
+    saturation: float   # factor
+    hue: float          # turns of the colour wheel
+    grayscale: bool
+    blur: bool
+    sigma: float        # blur sigma in output pixels; 0.0 where blur is False
+
+
+def neutral_params(height: int, width: int) -> ViewParams:
+    """The whole image, unchanged: what placeholder (padding, corrupt) entries get."""
+    return ViewParams(0, 0, height, width, False, 0.0, False, 1.0, 1.0, 1.0, 0.0, False, False, 0.0)
+
+
+def _crop_window(height: int, width: int, view: ViewPolicy, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params: area uniform in crop_scale, aspect ratio log-uniform in
+    crop_ratio, 10 tries, then the largest centred crop within the ratio range. (top, left, h, w)."""
+    area = height * width
+    log_lo, log_hi = math.log(view.crop_ratio[0]), math.log(view.crop_ratio[1])
+    for _ in range(10):
+        target_area = area * _uniform(rng, *view.crop_scale)
+        aspect = math.exp(_uniform(rng, log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            # int(u * n) for u in [0, 1): uniform over 0 .. n - 1 (random.randrange's algorithm is not
+            # guaranteed across Python versions; random() is).
+            return int(rng.random() * (height - h + 1)), int(rng.random() * (width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < view.crop_ratio[0]:
+        w, h = width, int(round(width / view.crop_ratio[0]))
+    elif in_ratio > view.crop_ratio[1]:
+        w, h = int(round(height * view.crop_ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _uniform(rng: random.Random, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * rng.random()
+
+
+def draw_view(height: int, width: int, view: ViewPolicy, rng: random.Random) -> ViewParams:
+    """One view's parameters for an image of height x width pixels, drawn from `rng` in the policy's order.
+
+    Coins are always drawn; a value only where its step is on (rotate_deg > 0; the jitter coin and the
+    amount > 0; the blur coin).
+    """
+    top, left, h, w = _crop_window(height, width, view, rng)
+    flip = rng.random() < view.flip_p
+    angle = _uniform(rng, -view.rotate_deg, view.rotate_deg) if view.rotate_deg > 0 else 0.0
+    jitter = rng.random() < view.jitter_p
+    factors = [1.0, 1.0, 1.0]
+    hue = 0.0
+    if jitter:
+        for k, amount in enumerate((view.brightness, view.contrast, view.saturation)):
+            if amount > 0:
+                factors[k] = _uniform(rng, max(0.0, 1.0 - amount), 1.0 + amount)
+        if view.hue > 0:
+            hue = _uniform(rng, -view.hue, view.hue)
+    grayscale = rng.random() < view.grayscale_p
+    blur = rng.random() < view.blur_p
+    sigma = _uniform(rng, *view.blur_sigma) if blur else 0.0
+    return ViewParams(top, left, h, w, flip, angle, jitter, *factors, hue, grayscale, blur, sigma)
+
+
+def draw_pair(seed: int, first_hw: tuple[int, int], second_hw: tuple[int, int],
+              policy: AugmentPolicy) -> tuple[ViewParams, ViewParams]:
+    """Both views' parameters of one pair from its seed (RawPairBatch.seeds[i]) and its images' (height,
+    width): one generator per pair, view 1 then view 2, so the result depends on these arguments only.
+
+    random.Random seeded with an int and its random() are the stream Python guarantees to keep across
+    versions; it is also ~5x cheaper to seed than numpy's generators (this runs per pair on DALI's feeding
+    thread).
+    """
+    rng = random.Random(int(seed))
+    return (draw_view(*first_hw, policy.views[0], rng), draw_view(*second_hw, policy.views[1], rng))

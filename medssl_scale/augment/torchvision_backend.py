@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import random
 import warnings
 
 import torch
@@ -10,7 +10,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from medssl_scale.augment.policy import AugmentPolicy, ViewPolicy
+from medssl_scale.augment.policy import AugmentPolicy, ViewParams, ViewPolicy, draw_pair, draw_view
 from medssl_scale.data.batch import CorruptImage, RawPairBatch
 
 # torchvision 0.29 warns on every decode_image call (decoding moves to TorchCodec); once per image
@@ -37,66 +37,37 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     return img
 
 
-def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * torch.rand((), generator=gen, dtype=torch.float64).item()
-
-
-def _crop_params(height: int, width: int, view: ViewPolicy, gen: torch.Generator) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params drawn from `gen`: (top, left, h, w)."""
-    area = height * width
-    log_lo, log_hi = math.log(view.crop_ratio[0]), math.log(view.crop_ratio[1])
-    for _ in range(10):
-        target_area = area * _uniform(gen, *view.crop_scale)
-        aspect = math.exp(_uniform(gen, log_lo, log_hi))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (), generator=gen).item())
-            left = int(torch.randint(0, width - w + 1, (), generator=gen).item())
-            return top, left, h, w
-    # Fallback: the largest centred crop whose aspect ratio is within range.
-    in_ratio = width / height
-    if in_ratio < view.crop_ratio[0]:
-        w, h = width, int(round(width / view.crop_ratio[0]))
-    elif in_ratio > view.crop_ratio[1]:
-        w, h = int(round(height * view.crop_ratio[1])), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def augment_view(img: torch.Tensor, view: ViewPolicy, size: int, gen: torch.Generator) -> torch.Tensor:
-    """One view of uint8 (3, H, W) `img`: float32 (3, size, size) in [0, 1], not normalized.
-
-    Every random draw comes from `gen`, in the policy's order, so one generator state gives one result.
-    """
-    top, left, h, w = _crop_params(img.shape[-2], img.shape[-1], view, gen)
+def apply_view(img: torch.Tensor, p: ViewParams, view: ViewPolicy, size: int) -> torch.Tensor:
+    """One view of uint8 (3, H, W) `img` with the drawn parameters `p`: float32 (3, size, size) in [0, 1],
+    not normalized. `view` gives only the blur kernel size; every random choice is in `p`."""
     # Crop the uint8 view first, then resize in float: the uint8 bilinear path of resize is CPU-dependent
     # (native on AVX2, float+round elsewhere) and quantizes to 8 bits.
-    x = F.to_dtype(F.crop(img, top, left, h, w), torch.float32, scale=True)
+    x = F.to_dtype(F.crop(img, p.top, p.left, p.height, p.width), torch.float32, scale=True)
     x = F.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    if _uniform(gen, 0.0, 1.0) < view.flip_p:
+    if p.flip:
         x = F.horizontal_flip(x)
-    if view.rotate_deg > 0:
-        angle = _uniform(gen, -view.rotate_deg, view.rotate_deg)
-        x = F.rotate(x, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
-    if _uniform(gen, 0.0, 1.0) < view.jitter_p:
-        # Fixed order (brightness, contrast, saturation, hue), as the DALI backend has no random order.
-        if view.brightness > 0:
-            x = F.adjust_brightness(x, _uniform(gen, max(0.0, 1 - view.brightness), 1 + view.brightness))
-        if view.contrast > 0:
-            x = F.adjust_contrast(x, _uniform(gen, max(0.0, 1 - view.contrast), 1 + view.contrast))
-        if view.saturation > 0:
-            x = F.adjust_saturation(x, _uniform(gen, max(0.0, 1 - view.saturation), 1 + view.saturation))
-        if view.hue > 0:
-            x = F.adjust_hue(x, _uniform(gen, -view.hue, view.hue))
-    if _uniform(gen, 0.0, 1.0) < view.grayscale_p:
+    if p.angle != 0.0:
+        x = F.rotate(x, p.angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
+    # Neutral factors are skipped: each op is the identity there. Fixed order, as DALI has no random order.
+    if p.brightness != 1.0:
+        x = F.adjust_brightness(x, p.brightness)
+    if p.contrast != 1.0:
+        x = F.adjust_contrast(x, p.contrast)
+    if p.saturation != 1.0:
+        x = F.adjust_saturation(x, p.saturation)
+    if p.hue != 0.0:
+        x = F.adjust_hue(x, p.hue)
+    if p.grayscale:
         x = F.rgb_to_grayscale(x, num_output_channels=3)
-    if _uniform(gen, 0.0, 1.0) < view.blur_p:
+    if p.blur:
         k = view.blur_kernel(size)
-        sigma = _uniform(gen, *view.blur_sigma)
-        x = F.gaussian_blur(x, [k, k], [sigma, sigma])
+        x = F.gaussian_blur(x, [k, k], [p.sigma, p.sigma])
     return x
+
+
+def augment_view(img: torch.Tensor, view: ViewPolicy, size: int, rng: random.Random) -> torch.Tensor:
+    """One view of uint8 (3, H, W) `img` with parameters drawn from `rng`: float32 (3, size, size) in [0, 1]."""
+    return apply_view(img, draw_view(img.shape[-2], img.shape[-1], view, rng), view, size)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -141,10 +112,10 @@ class TorchvisionAugmenter:
                 valid[i] = False
                 corrupt += 1
                 continue
-            # One generator per pair, view 1 then view 2: the result depends on the pair's seed only.
-            gen = torch.Generator().manual_seed(int(raw.seeds[i]))
-            views[0, i] = augment_view(first, self.policy.views[0], size, gen)
-            views[1, i] = augment_view(second, self.policy.views[1], size, gen)
+            # The pair's parameters depend on its seed and image sizes only (the DALI backend draws the same).
+            p1, p2 = draw_pair(raw.seeds[i], first.shape[-2:], second.shape[-2:], self.policy)
+            views[0, i] = apply_view(first, p1, self.policy.views[0], size)
+            views[1, i] = apply_view(second, p2, self.policy.views[1], size)
         views = normalize(views, self.policy.mean, self.policy.std)
         views[:, ~valid] = 0.0
         views = views.to(self.dtype)
