@@ -39,5 +39,5 @@ if [ "$status" -ne 0 ]; then
     "launch/pretrain.py --config configs/debug_cpu.yaml run_dir=$RUN data.shards=$OUT" >&2
   exit "$status"
 fi
-.venv/bin/python -c "import torch; sd = torch.load('$RUN/encoder.pt', weights_only=True); \
-print(f'encoder.pt: {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values, loads with weights_only=True')"
+.venv/bin/python -c "import torch; e = torch.load('$RUN/encoder.pt', weights_only=True); sd, a = e['state_dict'], e['arch']; \
+print(f'encoder.pt: ResNet-{a[\"depth\"]} width {a[\"width\"]}, {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values, loads with weights_only=True')"
