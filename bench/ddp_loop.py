@@ -5,8 +5,9 @@
 
 Same config (load_config), same loader (make_pair_loader), same model and optimizer (build_model,
 build_optimizer; global BN as the trainer builds it), same loss (nt_xent) and lr schedule (lr_at), the
-model wrapped in torch.nn.parallel.DistributedDataParallel over gloo. Per step, as Trainer._forward_backward:
-cat views -> forward -> nt_xent -> backward (DDP all-reduces gradients) -> optimizer step. Rank 0 appends
+model wrapped in torch.nn.parallel.DistributedDataParallel over gloo. Per step, as the trainer's ContrastiveStep
+at grad_accum 1: agree on padding (the BN mask) -> cat views -> forward -> nt_xent -> backward (DDP
+all-reduces gradients) -> optimizer step. (grad_accum > 1 here is plain per-micro-batch accumulation.) Rank 0 appends
 {"step", "loss", "lr", "pairs_per_s"} per step to RUN_DIR/metrics.jsonl, timed like the trainer's StepTimer.
 No checkpoints, no metrics display: this is the floor the DeepSpeed trainer is compared against.
 """
@@ -39,6 +40,8 @@ def main() -> int:
     from medssl_scale.config import load_config
     from medssl_scale.data.loader import make_pair_loader
     from medssl_scale.distributed.env import resolve
+    from medssl_scale.distributed.batchnorm import set_batch_mask
+    from medssl_scale.distributed.sync import any_rank
     from medssl_scale.losses.ntxent import nt_xent
     from medssl_scale.optim import lr_at
     from medssl_scale.train.builders import build_model, build_optimizer, peak_lr
@@ -87,6 +90,8 @@ def main() -> int:
             if cfg.model.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = model.no_sync() if k < plan.grad_accum - 1 else _null()
+            padded = any_rank(not bool(batch.valid.all()), device)
+            set_batch_mask(model.module, torch.cat([batch.valid, batch.valid]) if padded else None)
             with sync:
                 _, emb = model(x)
                 z1, z2 = emb.float().chunk(2)
