@@ -7,11 +7,12 @@ import json
 import os
 import sys
 import time
+from typing import Callable
 
 from rich.console import Console
 
 from .errors import RunError
-from .options import BuildOptions, parse_size, parse_splits
+from .options import DEFAULT_SPLITS, BuildOptions, parse_size, parse_splits
 
 err = Console(stderr=True, log_path=False)
 out = Console()
@@ -25,6 +26,21 @@ def _slurm_array_defaults() -> tuple[int, int]:
     first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
     count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
     return task_id - first, count
+
+
+def _folder_level(flag: str) -> Callable[[str], int]:
+    """argparse type of a folder level: a non-zero whole number, with a message that names the usual slip."""
+    def parse(text: str) -> int:
+        try:
+            level = int(text)
+        except ValueError:
+            level = 0
+        if level == 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a folder level: write a whole number, 1 = the first folder below SOURCE, "
+                f"-1 = the folder holding the image (put SOURCE and OUTPUT before {flag}, or write {flag}=1)")
+        return level
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,9 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--label-cols", default="", help="comma-separated manifest columns kept as labels")
     b.add_argument("--split-col", help="manifest column naming each row's split (instead of --splits)")
     b.add_argument("--patient-regex", help="folder mode: regex with one group over the relative path giving the patient")
-    b.add_argument("--class-from-folder", action="store_true", help="folder mode: label 'class' = first folder")
+    b.add_argument("--class-from-folder", nargs="?", const=1, type=_folder_level("--class-from-folder"),
+                   metavar="LEVEL", help="folder mode: label 'class' = the folder at LEVEL of the relative path "
+                   "(1 = first folder below SOURCE, -1 = the image's own folder) [1 when given alone]")
+    b.add_argument("--split-from-folder", type=_folder_level("--split-from-folder"), metavar="LEVEL",
+                   help="folder mode: each patient's split = the folder at LEVEL (instead of --splits)")
     b.add_argument("--images-per-sample", type=int, default=8, help="most images of one patient per sample [8]")
-    b.add_argument("--splits", default="train=0.9,val=0.05,test=0.05", help="patient-level split fractions")
+    b.add_argument("--splits", help=f"patient-level split fractions [{DEFAULT_SPLITS}]")
     b.add_argument("--seed", type=int, default=0, help="seed of the split and order hashes [0]")
     b.add_argument("--max-side", type=int, default=512, help="resize so the long side is at most N; 0 keeps bytes [512]")
     b.add_argument("--check-decode", action="store_true",
@@ -66,13 +86,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build_options(a: argparse.Namespace) -> BuildOptions:
+    given_split = "--split-col" if a.split_col else "--split-from-folder" if a.split_from_folder is not None else None
+    if a.splits is not None and given_split:
+        raise RunError(f"--splits and {given_split} both decide the splits: drop one of them")
     return BuildOptions(
         source=a.source, output=a.output, manifest=a.manifest, image_col=a.image_col, patient_col=a.patient_col,
         label_cols=[c.strip() for c in a.label_cols.split(",") if c.strip()], split_col=a.split_col,
-        patient_regex=a.patient_regex, class_from_folder=a.class_from_folder,
-        images_per_sample=a.images_per_sample, splits=parse_splits(a.splits), seed=a.seed, max_side=a.max_side,
-        jpeg_quality=a.jpeg_quality, check_decode=a.check_decode, shard_size=parse_size(a.shard_size), workers=a.workers,
-        task_index=a.task_index, num_tasks=a.num_tasks,
+        patient_regex=a.patient_regex, class_from_folder=a.class_from_folder, split_from_folder=a.split_from_folder,
+        images_per_sample=a.images_per_sample, splits=parse_splits(a.splits or DEFAULT_SPLITS), seed=a.seed,
+        max_side=a.max_side, jpeg_quality=a.jpeg_quality, check_decode=a.check_decode,
+        shard_size=parse_size(a.shard_size), workers=a.workers, task_index=a.task_index, num_tasks=a.num_tasks,
     ).validate()
 
 

@@ -15,7 +15,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, conve
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from sharding.errors import ImageError
+from sharding.errors import ImageError, strip_addresses
 
 # A malformed file's problem is reported once, as the image's skip reason; pydicom's own per-file
 # warnings and log lines would only bury the build's progress and summary.
@@ -221,7 +221,7 @@ def _colour_to_uint8(arr: np.ndarray, ds: pydicom.Dataset, pi: str, bits_stored:
 
 def _reason(exc: BaseException) -> str:
     # One line, short: pydicom's plugin errors are multi-line with a generic first line.
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = strip_addresses(" ".join(str(exc).split())) or type(exc).__name__
     marker = "raised by all available plugins:"
     if marker in text:
         text = text.split(marker, 1)[1].strip()

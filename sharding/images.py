@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageError
+from .errors import ImageError, exception_reason
 from .probe import probe
 
 # A decompression bomb is a bad input like any other: refuse it as one image, do not crash the run.
@@ -107,7 +107,7 @@ def _decode(data: bytes, max_side: int) -> tuple[bool, Image.Image]:
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"undecodable image: {str(e).splitlines()[0][:120]}") from None
+        raise ImageError(f"undecodable image: {exception_reason(e)}") from None
 
 
 def _validate_only(data: bytes) -> None:
@@ -119,7 +119,7 @@ def _validate_only(data: bytes) -> None:
             img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
         img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"undecodable image: {str(e).splitlines()[0][:120]}") from None
+        raise ImageError(f"undecodable image: {exception_reason(e)}") from None
 
 
 def encode_image(data: bytes, name: str, max_side: int, jpeg_quality: int = 95,

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import RunError
 
 SCHEMA_VERSION = 1
+DEFAULT_SPLITS = "train=0.9,val=0.05,test=0.05"
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -65,7 +66,10 @@ class BuildOptions:
     label_cols: list[str] = field(default_factory=list)
     split_col: str | None = None
     patient_regex: str | None = None
-    class_from_folder: bool = False
+    # Folder levels of the path relative to SOURCE: 1 = the first folder below SOURCE, 2 = the one
+    # inside it, ...; -1 = the folder holding the image, -2 = its parent, ... (None: not used).
+    class_from_folder: int | None = None
+    split_from_folder: int | None = None
     images_per_sample: int = 8
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.9, "val": 0.05, "test": 0.05})
     seed: int = 0
@@ -91,8 +95,23 @@ class BuildOptions:
             raise RunError(f"--task-index {self.task_index} must lie in [0, --num-tasks={self.num_tasks})")
         if self.manifest is None and (self.patient_col or self.label_cols or self.split_col):
             raise RunError("--patient-col, --label-cols and --split-col need --manifest FILE")
-        if self.manifest is not None and (self.patient_regex or self.class_from_folder):
-            raise RunError("--patient-regex and --class-from-folder apply to folder sources, not --manifest")
+        # Before the bool type was widened to a level: True meant the first folder.
+        if isinstance(self.class_from_folder, bool):
+            self.class_from_folder = 1 if self.class_from_folder else None
+        folder_opts = [flag for flag, value in (("--patient-regex", self.patient_regex),
+                                                 ("--class-from-folder", self.class_from_folder),
+                                                 ("--split-from-folder", self.split_from_folder)) if value is not None]
+        if self.manifest is not None and folder_opts:
+            raise RunError(f"{' and '.join(folder_opts)} apply to folder sources, not --manifest "
+                           "(use --patient-col, --label-cols, --split-col there)")
+        for flag, level in (("--class-from-folder", self.class_from_folder),
+                            ("--split-from-folder", self.split_from_folder)):
+            if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level == 0):
+                raise RunError(f"{flag} {level!r}: give a folder level, 1 = the first folder below SOURCE "
+                               "(2 the next, ...) or -1 = the folder holding the image (-2 its parent, ...)")
+        if self.class_from_folder is not None and self.class_from_folder == self.split_from_folder:
+            raise RunError(f"--class-from-folder and --split-from-folder both name folder level "
+                           f"{self.class_from_folder}: give the class and the split different levels")
         if self.patient_regex is not None:
             try:
                 groups = re.compile(self.patient_regex).groups

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from typing import Callable
 
 from .errors import RunError
 from .options import BuildOptions, check_split_name
@@ -54,17 +55,32 @@ def drop_duplicate_paths(records: list[Record]) -> tuple[list[Record], list[dict
     return [r for r in records if first[r.source] is r], duplicates
 
 
-def assign_splits(patients: dict[str, list[Record]], opts: BuildOptions) -> dict[str, str]:
-    """patient id -> split, from --split-col (must agree within a patient) or a seeded hash of the id."""
-    result = {}
+def _given_split_leak(pid: str, recs: list[Record], others: int, opts: BuildOptions) -> RunError:
+    """A patient whose images name two splits: one line naming the patient, where, and what to change."""
+    by_split: dict[str, str] = {}
+    for r in recs:
+        by_split.setdefault(r.split, r.source if r.row is None else f"row {r.row}")
+    where = ", ".join(f"{name!r} ({example})" for name, example in sorted(by_split.items()))
+    more = f" (and {others} more patient{'s' if others > 1 else ''})" if others else ""
     if opts.split_col:
+        return RunError(f"--split-col {opts.split_col!r}: patient {pid!r}{more} has rows in splits {where}; "
+                        "give each patient one split")
+    return RunError(f"--split-from-folder {opts.split_from_folder}: patient {pid!r}{more} has images under split "
+                    f"folders {where}, which would leak the patient across splits: move each patient's images "
+                    "under one split folder (or fix --patient-regex if these are different patients)")
+
+
+def assign_splits(patients: dict[str, list[Record]], opts: BuildOptions) -> dict[str, str]:
+    """patient id -> split, from --split-col or --split-from-folder (all images of a patient must agree)
+    or a seeded hash of the id."""
+    result = {}
+    if opts.split_col or opts.split_from_folder is not None:
+        where = f"column {opts.split_col!r}" if opts.split_col else f"folder level {opts.split_from_folder}"
+        leaks = sorted(pid for pid, recs in patients.items() if len({r.split for r in recs}) > 1)
+        if leaks:
+            raise _given_split_leak(leaks[0], patients[leaks[0]], len(leaks) - 1, opts)
         for pid, recs in patients.items():
-            names = {r.split for r in recs}
-            if len(names) > 1:
-                rows = ", ".join(str(r.row) for r in recs)
-                raise RunError(f"--split-col {opts.split_col!r}: patient {pid!r} has rows in splits "
-                               f"{sorted(names)} (rows {rows}); give each patient one split")
-            result[pid] = check_split_name(names.pop(), f"column {opts.split_col!r}")
+            result[pid] = check_split_name(recs[0].split, where)
         return result
     bounds, total = [], 0.0
     for name, fraction in opts.splits.items():
@@ -98,35 +114,40 @@ def encode_settings(opts: BuildOptions) -> EncodeSettings:
     return EncodeSettings(opts.source, opts.max_side, opts.jpeg_quality, opts.check_decode)
 
 
-def calibrate(records: list[Record], opts: BuildOptions) -> float:
+def calibrate(records: list[Record], opts: BuildOptions, map_images: Callable | None = None) -> float:
     """Stored bytes per source byte, measured on a fixed, evenly spread handful of images.
 
     Shard boundaries must be known before encoding (so that tasks work independently), yet resizing
     changes sizes; this deterministic estimate makes shards come out near --shard-size. With
-    --max-side 0 and JPEG/PNG sources the ratio is exactly 1.
+    --max-side 0 and JPEG/PNG sources the ratio is exactly 1. `map_images` (relative paths -> results
+    of worker.process, in order) lets a pool of workers encode them; by default they are encoded here.
     """
     step = max(1, len(records) // _CALIBRATION_IMAGES)
+    sample = records[::step][:_CALIBRATION_IMAGES]
+    if map_images is None:
+        configure(encode_settings(opts))
+        map_images = lambda rels: map(process, rels)  # noqa: E731
     src = out = 0
-    configure(encode_settings(opts))
-    for rec in records[::step][:_CALIBRATION_IMAGES]:
-        result = process(rec.source)
+    for rec, result in zip(sample, map_images([r.source for r in sample])):
         if not isinstance(result, str):
             src += rec.size
             out += len(result.data)
     return out / src if src else 1.0
 
 
-def make_plan(records: list[Record], skips: list[Skip], opts: BuildOptions) -> dict:
+def make_plan(records: list[Record], skips: list[Skip], opts: BuildOptions,
+              map_images: Callable | None = None) -> dict:
     """The whole build as JSON-able data: shards in a fixed global order, each with its samples."""
     records, duplicates = drop_duplicate_paths(records)
     patients: dict[str, list[Record]] = {}
     for rec in records:
         patients.setdefault(rec.patient_id, []).append(rec)
     split_of = assign_splits(patients, opts)
-    split_names = list(opts.splits) if not opts.split_col else sorted(set(split_of.values()))
+    given = opts.split_col or opts.split_from_folder is not None
+    split_names = sorted(set(split_of.values())) if given else list(opts.splits)
     ordered = sorted(patients, key=lambda pid: (split_names.index(split_of[pid]),
                                                 unit_hash("order", opts.seed, pid), pid))
-    ratio = calibrate([r for pid in ordered for r in patients[pid]], opts)
+    ratio = calibrate([r for pid in ordered for r in patients[pid]], opts, map_images)
     shards: list[dict] = []
     current: dict[str, dict] = {}
     for pid in ordered:

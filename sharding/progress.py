@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
@@ -33,7 +33,8 @@ class ImageProgress:
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
 
-    def track(self, results: Iterable) -> Iterator:
+    def track(self, results: Iterable, weight: Callable[[object], int] = lambda r: 1) -> Iterator:
+        """Pass results through, advancing by `weight(result)` images each."""
         for r in results:
-            self._progress.advance(self._task)
+            self._progress.advance(self._task, weight(r))
             yield r

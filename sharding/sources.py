@@ -28,7 +28,7 @@ class Record:
     patient_id: str
     labels: dict = field(default_factory=dict)
     row: int | None = None          # 1-based data row of the manifest (None in folder mode)
-    split: str | None = None        # from --split-col, else assigned by hash later
+    split: str | None = None        # from --split-col or --split-from-folder, else assigned by hash later
     dicom: dict | None = None       # header tags read while planning (DICOM only)
 
     def as_json(self) -> dict:
@@ -127,8 +127,21 @@ def _is_dicom_candidate(rel: str) -> bool:
     return ext in DICOM_EXTENSIONS or ext == ""
 
 
+def folder_at(rel: str, level: int, flag: str) -> str:
+    """The folder of `rel` at `level` (1 = the first below SOURCE, -1 = the image's own folder).
+
+    ImageError when the image does not sit that deep, e.g. folder_at("train/cat/a.png", 2, ...) == "cat".
+    """
+    folders = rel.split("/")[:-1]
+    if not (level <= len(folders) if level > 0 else -level <= len(folders)):
+        depth = f"{len(folders)} folder{'s' if len(folders) != 1 else ''} deep" if folders else "directly in SOURCE"
+        raise ImageError(f"{flag} {level}: image is {depth}, no folder at level {level}")
+    return folders[level - 1] if level > 0 else folders[level]
+
+
 def folder_records(opts: BuildOptions, loc: Location, exclude: str | None) -> tuple[list[Record], list[Skip]]:
-    """Folder mode: every image below SOURCE; patient from --patient-regex, a DICOM tag, or the file itself."""
+    """Folder mode: every image below SOURCE; patient from --patient-regex, a DICOM tag, or the file itself;
+    label 'class' and the split from folder levels when asked."""
     regex = re.compile(opts.patient_regex) if opts.patient_regex else None
     records, skips = [], []
     for rel, size in sorted(_list_files(loc, exclude).items()):
@@ -140,17 +153,18 @@ def folder_records(opts: BuildOptions, loc: Location, exclude: str | None) -> tu
             if not is_dicom and ext not in IMAGE_EXTENSIONS:
                 raise ImageError(f"not an image file (extension {ext or 'none'!r})")
             labels = {}
-            if opts.class_from_folder:
-                if "/" not in rel:
-                    raise ImageError("--class-from-folder: image is not inside a class folder")
-                labels["class"] = rel.split("/", 1)[0]
+            if opts.class_from_folder is not None:
+                labels["class"] = folder_at(rel, opts.class_from_folder, "--class-from-folder")
+            split = None
+            if opts.split_from_folder is not None:
+                split = folder_at(rel, opts.split_from_folder, "--split-from-folder")
             patient = rel
             if regex:
                 m = regex.search(rel)
                 if not m or not m.group(1):
                     raise ImageError("path does not match --patient-regex")
                 patient = m.group(1)
-            rec = Record(source=rel, size=size, patient_id=patient, labels=labels)
+            rec = Record(source=rel, size=size, patient_id=patient, labels=labels, split=split)
             records.append(_attach_dicom(loc, rec, need_patient=regex is None) if is_dicom else rec)
         except ImageError as e:
             skips.append(Skip(rel, str(e)))
@@ -245,5 +259,7 @@ def enumerate_source(opts: BuildOptions, exclude: str | None = None) -> tuple[li
     else:
         records, skips = folder_records(opts, loc, exclude)
     if not records:
-        raise RunError(f"SOURCE {opts.source} has no usable images ({len(skips)} inputs skipped)")
+        from .skips import no_usable_images
+
+        raise RunError(no_usable_images(opts, [s.as_json() for s in skips]))
     return records, skips

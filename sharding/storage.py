@@ -51,26 +51,57 @@ class Location:
         `durable` also flushes it to disk before the rename, so a power loss cannot leave a named but
         empty file; worth its cost for shards, not for the small files written after them.
         """
-        final = self.path(*parts)
-        parent = posixpath.dirname(final)
-        if self.is_object_store:
-            with self.fs.open(final, "wb") as f:
-                yield f
-            return
-        self.fs.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".{posixpath.basename(final)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        pending = AtomicWrite(self, parts, durable)
         try:
-            with self.fs.open(tmp, "wb") as f:
-                yield f
-                if durable and self.is_local:
-                    f.flush()
-                    os.fsync(f.fileno())
-            self.fs.mv(tmp, final)
-        finally:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
+            yield pending.file
+        except BaseException:
+            pending.abort()
+            raise
+        pending.commit()
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         with self.atomic_open(*parts) as f:
             f.write(data)
 
+
+
+class AtomicWrite:
+    """A file of a Location being written under a temporary name; `commit` publishes it.
+
+    The same guarantees as Location.atomic_open, split in two so that the slow end (fsync, rename)
+    can run in another thread while the next file is written.
+    """
+
+    def __init__(self, loc: Location, parts: tuple[str, ...], durable: bool = False):
+        self._loc, self._durable = loc, durable
+        self._final = loc.path(*parts)
+        if loc.is_object_store:  # an upload becomes visible only when complete: no temporary name
+            self._tmp = None
+            self.file = loc.fs.open(self._final, "wb")
+            return
+        parent = posixpath.dirname(self._final)
+        loc.fs.makedirs(parent, exist_ok=True)
+        tmp_name = f".{posixpath.basename(self._final)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._tmp = posixpath.join(parent, tmp_name)
+        self.file = loc.fs.open(self._tmp, "wb")
+
+    def commit(self) -> None:
+        try:
+            if self._durable and self._loc.is_local and self._tmp is not None:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if self._tmp is not None:
+                self._loc.fs.mv(self._tmp, self._final)
+        finally:
+            self._remove_tmp()
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        finally:
+            self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
+        if self._tmp is not None and self._loc.fs.exists(self._tmp):
+            self._loc.fs.rm(self._tmp)

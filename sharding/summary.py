@@ -7,6 +7,10 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
+from .skips import reason_kind
+
+_SHOWN_LEAKS = 10
+
 
 def summarize(manifest: dict) -> dict:
     splits = {name: {k: s[k] for k in ("patients", "images", "samples", "bytes")} | {"shards": len(s["shards"])}
@@ -22,8 +26,11 @@ def summarize(manifest: dict) -> dict:
         "labels": {col: v["counts"] | ({"<missing>": v["missing"]} if v["missing"] else {})
                    for col, v in manifest["labels"].items()},
         "skipped": len(manifest["skipped"]),
-        "skipped_reasons": dict(Counter(s["reason"].split(":")[0] for s in manifest["skipped"]).most_common()),
+        "skipped_reasons": dict(Counter(reason_kind(s["reason"]) for s in manifest["skipped"]).most_common()),
         "duplicates": dict(Counter(d["kind"] for d in manifest["duplicates"])),
+        # Copies of one image in two splits leak it from training into evaluation.
+        "cross_split_duplicates": [{k: d[k] for k in ("kind", "sources", "splits", "patients")}
+                                   for d in manifest["duplicates"] if len(d.get("splits", ())) > 1],
     }
 
 
@@ -46,6 +53,21 @@ def print_summary(summary: dict, console: Console, full: bool = True) -> None:
     console.print(f"skipped: {summary['skipped']}" + (f" ({reasons})" if reasons else ""))
     dups = ", ".join(f"{k}: {v}" for k, v in summary["duplicates"].items())
     console.print(f"duplicates: {sum(summary['duplicates'].values())}" + (f" ({dups})" if dups else ""))
+    print_leaks(summary["cross_split_duplicates"], console)
+
+
+def print_leaks(leaks: list[dict], console: Console, shown: int = _SHOWN_LEAKS) -> None:
+    """One warning line for duplicates whose copies sit in different splits, then one line per group."""
+    if not leaks:
+        return
+    console.print(f"[bold yellow]WARNING:[/] {len(leaks)} duplicate group{'s' if len(leaks) > 1 else ''} "
+                  "with copies in different splits (a train/evaluation leak; remove the copies or give them "
+                  "one patient id):", highlight=False, soft_wrap=True)
+    for d in leaks[:shown]:
+        console.print(f"  {d['kind']}: " + ", ".join(d["sources"]) + f" -> splits {', '.join(d['splits'])}",
+                      highlight=False, markup=False, soft_wrap=True)
+    if len(leaks) > shown:
+        console.print(f"  ... and {len(leaks) - shown} more: see 'duplicates' in manifest.json", highlight=False)
 
 
 def _print_details(summary: dict, console: Console) -> None:

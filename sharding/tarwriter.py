@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 
 # DALI's webdataset reader index format (the one its `wds2idx` tool writes): a header line
 # "v1.2 <samples>", then one line per sample of "<ext> <data offset> <size> <member name>" per member.
@@ -33,6 +34,39 @@ def ustar_header(name: str, size: int) -> bytes:
     return bytes(header)
 
 
+@dataclass
+class PackedSamples:
+    """Consecutive samples as tar bytes, which do not depend on where in the tar they will sit.
+
+    `members` holds, per sample, (extension, data offset from the start of `data`, size, member name)
+    for each member; the writer adds the position to the offsets. Packing runs in the worker
+    processes, so a build's main process only appends finished blocks.
+    """
+
+    data: bytes = b""
+    members: list[list[tuple[str, int, int, str]]] = field(default_factory=list)
+
+
+def pack_samples(samples: list[tuple[str, list[tuple[str, bytes]]]]) -> PackedSamples:
+    """Tar bytes of samples given as (key, [(extension, payload), ...]), e.g. ("a-0-000", [("json", b"{}")])."""
+    chunks, index, pos = [], [], 0
+    for key, members in samples:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must contain no dots or slashes")
+        entries = []
+        for ext, payload in members:
+            name = f"{key}.{ext}"
+            chunks.append(ustar_header(name, len(payload)))
+            entries.append((ext, pos + BLOCK, len(payload), name))
+            chunks.append(payload)
+            pad = -len(payload) % BLOCK
+            if pad:
+                chunks.append(b"\0" * pad)
+            pos += BLOCK + len(payload) + pad
+        index.append(entries)
+    return PackedSamples(b"".join(chunks), index)
+
+
 class TarShardWriter:
     """Writes samples (a key plus members `key.ext`) into one tar, byte-for-byte reproducibly."""
 
@@ -48,23 +82,18 @@ class TarShardWriter:
         self._raw.write(data)
         self._pos += len(data)
 
+    def add_packed(self, packed: PackedSamples) -> None:
+        """Append samples packed by `pack_samples` (one hash update and one write per block)."""
+        base = self._pos
+        self._index_lines.extend(" ".join(f"{ext} {base + offset} {size} {name}" for ext, offset, size, name in sample)
+                                 for sample in packed.members)
+        self.samples += len(packed.members)
+        if packed.data:
+            self._write(packed.data)
+
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
         """Append one sample; `members` is a list of (extension, payload), e.g. ("0.jpg", b"...")."""
-        if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must contain no dots or slashes")
-        parts, chunks, pos = [], [], self._pos
-        for ext, payload in members:
-            name = f"{key}.{ext}"
-            chunks.append(ustar_header(name, len(payload)))
-            parts.append(f"{ext} {pos + BLOCK} {len(payload)} {name}")
-            chunks.append(payload)
-            pad = -len(payload) % BLOCK
-            if pad:
-                chunks.append(b"\0" * pad)
-            pos += BLOCK + len(payload) + pad
-        self._write(b"".join(chunks))  # one hash update and one write per sample, not per piece
-        self._index_lines.append(" ".join(parts))
-        self.samples += 1
+        self.add_packed(pack_samples([(key, members)]))
 
     def close(self) -> tuple[str, int, str]:
         """Finish the archive; returns (sha256 hex, total bytes, DALI index text)."""

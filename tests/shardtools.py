@@ -94,3 +94,17 @@ def shard_hashes(out: Path) -> list[tuple[str, str]]:
     import hashlib
     return [(str(p.relative_to(out)), hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(out.glob("*/shard-*.*"))]
+
+
+def make_split_class_tree(root: Path, patients: int = 12, visits=lambda p: 1 + p % 3, size=(24, 20)) -> dict:
+    """root/<split>/<class>/<patient>_v<k>.png with each patient in one split and one class folder;
+    returns {relative path: {"split", "class", "patient"}} as written."""
+    splits, classes = ("train", "val", "test"), ("COVID", "NORMAL", "viral")
+    layout = {}
+    for p in range(patients):
+        split, cls = splits[p % 3] if p % 4 else "train", classes[(p // 2) % 3]
+        for k in range(visits(p)):
+            rel = f"{split}/{cls}/pat{p:03d}_v{k}.png"
+            write_image(root / rel, seed=1000 + p * 10 + k, size=size, mode="L")
+            layout[rel] = {"split": split, "class": cls, "patient": f"pat{p:03d}"}
+    return layout

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
-from shardtools import image_bytes, read_manifest, read_samples, run_cli, write_csv, write_image
+from shardtools import (image_bytes, make_split_class_tree, read_manifest, read_samples, run_cli, write_csv,
+                        write_image)
 
 
 @pytest.fixture
@@ -106,3 +108,43 @@ def test_rerun_with_other_options_is_refused(tmp_path):
     run_cli("build", src, out, "--quiet")
     proc = run_cli("build", src, out, "--max-side", "64", check=False)
     assert proc.returncode == 2 and "other options" in proc.stderr
+
+
+def test_patient_regex_that_matches_nothing_names_the_paths_and_reasons(tmp_path):
+    src = tmp_path / "src"
+    layout = make_split_class_tree(src, patients=7)
+    (src / "README.txt").write_text("not an image")
+    out = tmp_path / "out"
+    proc = run_cli("build", src, out, "--patient-regex", r"^(P\d+)/", "--quiet", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    first, *rest = proc.stderr.rstrip("\n").splitlines()
+    assert first.startswith("medssl-shard build: error: ") and ": error: " not in "".join(rest)
+    # What it was matched against (paths relative to SOURCE, two real ones as examples) and what to fix.
+    examples = sorted(layout)[:2]
+    assert rf"--patient-regex '^(P\d+)/' matched none of the {len(layout)} image paths" in first
+    assert "relative to SOURCE" in first and all(repr(e) in first for e in examples)
+    assert "fix it so that its one group captures the patient id" in first
+    # A short indented list of the skip reasons with their counts, commonest first.
+    assert len(rest) == 2 and all(line.startswith("  ") for line in rest), rest
+    assert rest[0].split()[:6] == [str(len(layout)), "path", "does", "not", "match", "--patient-regex"]
+    assert rest[1].split()[:2] == ["1", "not"] and "'README.txt'" in rest[1]
+    assert not (out / "_build" / "plan.json.gz").exists()
+
+
+def test_manifest_is_byte_identical_across_reruns_with_a_corrupt_file(tmp_path):
+    src = tmp_path / "src"
+    for i in range(3):
+        write_image(src / f"ok/{i}.jpg", i)
+    (src / "bad").mkdir()
+    (src / "bad/text.jpg").write_bytes(b"this is not an image at all\n" * 20)  # Pillow: cannot identify
+    (src / "bad/noise.png").write_bytes(os.urandom(400))
+    out = tmp_path / "out"
+    run_cli("build", src, out, "--quiet")
+    first = (out / "manifest.json").read_bytes()
+    shutil.rmtree(out)
+    run_cli("build", src, out, "--quiet")  # the same command again, from scratch
+    assert (out / "manifest.json").read_bytes() == first
+    reasons = {s["source"]: s["reason"] for s in read_manifest(out)["skipped"]}
+    assert set(reasons) == {"bad/text.jpg", "bad/noise.png"}
+    assert reasons["bad/text.jpg"] == "undecodable image: cannot identify image file"
+    assert not any("0x" in r for r in reasons.values()), reasons

@@ -6,6 +6,7 @@ import collections
 import hashlib
 import io
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -193,3 +194,50 @@ def test_inspect_json_matches_independent_counts(tree, tmp_path):
     assert summary["images_per_patient"] == {str(k): hist[k] for k in sorted(hist)}
     table = run_cli("inspect", out).stdout
     assert "images per patient" in table and "total" in table
+
+
+@pytest.mark.parametrize("part_images", [1, 5])
+def test_worker_part_size_never_changes_a_byte(tree, tmp_path, monkeypatch, part_images):
+    """Workers pack parts of a shard independently; any cut gives the bytes of the default build."""
+    from sharding import build as build_module
+    from sharding.options import BuildOptions
+
+    src, _ = tree
+    args = ["--shard-size", "30KB", "--max-side", "32"]
+    _build(src, tmp_path / "default", "--workers", "2", *args)
+    monkeypatch.setattr(build_module, "PART_IMAGES", part_images)
+    opts = BuildOptions(source=str(src), output=str(tmp_path / "cut"), patient_regex=r"^(P\d+)/", max_side=32,
+                        shard_size=30_000, workers=2)
+    build_module.build(opts, show_progress=False)
+    assert shard_hashes(tmp_path / "cut") == shard_hashes(tmp_path / "default")
+    assert read_manifest(tmp_path / "cut")["splits"] == read_manifest(tmp_path / "default")["splits"]
+
+
+def test_copies_in_different_splits_are_printed_by_build_and_inspect(tmp_path):
+    src = tmp_path / "src"
+    rows = []
+    for i, (patient, fold) in enumerate([("p1", "train"), ("p2", "train"), ("p3", "val"), ("p4", "test")]):
+        write_image(src / f"img/{patient}.png", 40 + i, size=(30, 20))
+        rows.append({"path": f"img/{patient}.png", "pid": patient, "fold": fold})
+    # Byte copies of p1's image under other patients: one in val (a leak), one in train (no leak).
+    for patient, fold in (("p5", "val"), ("p6", "train")):
+        shutil.copy(src / "img/p1.png", src / f"img/{patient}.png")
+        rows.append({"path": f"img/{patient}.png", "pid": patient, "fold": fold})
+    (src / "img/p4_copy.png").write_bytes((src / "img/p4.png").read_bytes())  # test and test: no leak
+    rows.append({"path": "img/p4_copy.png", "pid": "p7", "fold": "test"})
+    write_csv(src / "rows.csv", rows)
+    out = tmp_path / "out"
+    build = run_cli("build", src, out, "--manifest", src / "rows.csv", "--patient-col", "pid", "--split-col", "fold")
+    leaks = [d for d in read_manifest(out)["duplicates"] if len(d["splits"]) > 1]
+    # One group (found by bytes; the same group by pixels is not listed twice), spread over train and val.
+    assert [(d["kind"], d["sources"], d["splits"]) for d in leaks] == [
+        ("same_content", ["img/p1.png", "img/p5.png", "img/p6.png"], ["train", "val"])]
+    inspect = run_cli("inspect", out)
+    for text in (build.stdout, inspect.stdout):
+        assert "WARNING: 1 duplicate group with copies in different splits" in text, text
+        assert "same_content: img/p1.png, img/p5.png, img/p6.png -> splits train, val" in text, text
+        assert "p4_copy" not in text
+    summary = json.loads(run_cli("inspect", out, "--json").stdout)
+    assert summary["cross_split_duplicates"] == [{"kind": "same_content", "sources": ["img/p1.png", "img/p5.png",
+                                                  "img/p6.png"], "splits": ["train", "val"],
+                                                  "patients": ["p1", "p5", "p6"]}]

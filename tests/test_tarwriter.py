@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sharding.tarwriter import TarShardWriter
+from sharding.tarwriter import TarShardWriter, pack_samples
 
 SAMPLES = [("a-0001-000", [("json", b'{"x":1}'), ("0.jpg", os.urandom(1000)), ("1.png", os.urandom(512))]),
            ("b_2-ff-001", [("json", b"{}"), ("0.jpg", b"")]),
@@ -63,3 +63,23 @@ def test_index_equals_dali_wds2idx(tmp_path):
 def test_keys_with_dots_are_refused():
     with pytest.raises(ValueError, match="no dots"):
         TarShardWriter(io.BytesIO()).add_sample("a.b", [("json", b"{}")])
+
+
+@pytest.mark.parametrize("cuts", [(), (1,), (1, 2), (2,)])
+def test_packed_blocks_concatenate_to_the_same_tar(cuts):
+    """Samples packed in separate blocks (as workers do) and appended give tarfile's bytes and offsets."""
+    bounds = [0, *cuts, len(SAMPLES)]
+    buf = io.BytesIO()
+    w = TarShardWriter(buf)
+    for start, end in zip(bounds, bounds[1:]):
+        w.add_packed(pack_samples(SAMPLES[start:end]))
+    sha, size, index = w.close()
+    reference = _reference_tar(SAMPLES)
+    assert buf.getvalue() == reference and size == len(reference) and w.samples == len(SAMPLES)
+    # The index offsets, independently: where tarfile finds each member's data.
+    lines = {}
+    with tarfile.open(fileobj=io.BytesIO(reference)) as tar:
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            lines.setdefault(key, []).append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    assert index == f"v1.2 {len(SAMPLES)}\n" + "".join(" ".join(v) + "\n" for v in lines.values())
