@@ -206,22 +206,3 @@ def test_checkpoints_on_s3_resume_exactly(s3_endpoint, shards, tmp_path):
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpt/run1")) == ["complete.json", "step00000004"]
     assert torch.load(remote_run / "encoder.pt", weights_only=True)["state_dict"].keys() == \
         torch.load(tmp_path / "local" / "encoder.pt", weights_only=True)["state_dict"].keys()
-
-
-def test_two_nodes_through_the_deepspeed_launcher_no_ssh(reference, shards, tmp_path):
-    """Two "nodes" of one process each (--no_ssh, one launcher per node rank, a hostfile) on loopback
-    reproduce the one-node two-process run."""
-    from trainrun import FAST, VENV_BIN, env, free_port
-
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port, run_dir = free_port(), tmp_path / "run"
-    procs = [subprocess.Popen(
-        [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", f"--node_rank={rank}",
-         "--master_addr=127.0.0.1", f"--master_port={port}", "launch/pretrain.py", "--config",
-         "configs/debug_cpu.yaml", f"run_dir={run_dir}", f"data.shards={shards}", *FAST, *STEPS],
-        cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    for p in procs:
-        _, err = p.communicate(timeout=400)
-        assert p.returncode == 0, err[-2000:]
-    assert losses(run_dir) == losses(reference)

@@ -63,8 +63,9 @@ def build_sample_shards_other(out):
 
 @pytest.mark.s3
 def test_zero3_on_two_nodes_with_checkpoints_on_s3_exports_the_whole_model(s3_endpoint, shards, tmp_path):
-    """Each "node" has its own run_dir (node-local disk) and staging; only the bucket holds every
-    partition, and the exported encoder must equal the one-node ZeRO-3 run's."""
+    """Two "nodes" of one process each (--no_ssh, one launcher per node rank, a hostfile) on loopback.
+    Each has its own run_dir (node-local disk) and staging; only the bucket holds every partition. The
+    losses and the exported encoder must equal the one-node ZeRO-3 run's."""
     common = ["train.steps=2", "train.checkpoint_every=2", "optim.name=adamw", "optim.base_lr=0.001",
               "optim.warmup_steps=1", "train.zero_stage=3"]
     one_node = tmp_path / "one-node"
