@@ -9,3 +9,18 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 pytest_plugins = ["services"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests on tiny matrices (threads only add wake-up latency there: 15x slower
+    on a shared 2-core machine), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

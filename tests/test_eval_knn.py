@@ -10,13 +10,8 @@ from medssl_scale.evaluate.errors import EvaluationError
 from medssl_scale.evaluate.knn import knn_scores, sweep_knn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: intra-op threads only add wake-up latency (badly so on a shared machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny matrices: intra-op threads only add wake-up latency (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _features(seed=0, m=120, n=40, d=16, c=4):

@@ -13,13 +13,8 @@ from medssl_scale.evaluate.probe import LinearProbe, fit_logistic, fit_probe_swe
 TOL = 1e-4  # required agreement of predicted probabilities
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: intra-op threads only add wake-up latency (15x slower on a shared 2-core machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny matrices: intra-op threads only add wake-up latency (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=400, d=24, c=4, seed=0, shift=0.0):
