@@ -15,35 +15,17 @@ import argparse
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from medssl_scale.config import ConfigError, load_config  # noqa: E402
 from medssl_scale.data.shardset import ShardSetError  # noqa: E402
+from medssl_scale.cli import fail as _fail, launch_rank as _rank  # noqa: E402
 from medssl_scale.distributed.env import LaunchError, resolve  # noqa: E402
 
-# Every rank hits the same configuration error at about the same moment. Rank 0 reports it at once; the
-# others wait this long first, and the launcher (deepspeed, torchrun, srun --kill-on-bad-exit) stops them
-# when rank 0 exits, so the error shows once. An error that only another rank hit still shows, late.
-OTHER_RANKS_WAIT_S = 5.0
-
-
-def _rank() -> int:
-    try:
-        return resolve().rank
-    except LaunchError:
-        return 0
-
-
 def fail(message: str, code: int) -> int:
-    if _rank() != 0:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # the launcher's SIGTERM ends this wait silently
-            signal.signal(sig, signal.SIG_DFL)
-        time.sleep(OTHER_RANKS_WAIT_S)
-    print(f"pretrain: error: {message}", file=sys.stderr)
-    return code
+    return _fail("pretrain", message, code)
 
 
 def main() -> int:

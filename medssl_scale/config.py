@@ -130,6 +130,13 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, typing.get_args(kind)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(kind) or (typing.Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        kind = dict
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -158,7 +165,8 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     return value
 
 
-def _build(cls, data: dict, prefix: str):
+def _build(cls, data: dict, prefix: str, choices: dict | None = None):
+    choices = _CHOICES if choices is None else choices
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -172,11 +180,11 @@ def _build(cls, data: dict, prefix: str):
             raise ConfigError(f"unknown config key {where!r}{hint}")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            values[key] = _build(kind, value, f"{where}.")
+            values[key] = _build(kind, value, f"{where}.", choices)
         else:
             values[key] = _coerce(value, kind, where)
-            if where in _CHOICES and values[key] not in _CHOICES[where]:
-                raise ConfigError(f"{where}: {values[key]!r} is not one of {list(_CHOICES[where])}")
+            if where in choices and values[key] not in choices[where]:
+                raise ConfigError(f"{where}: {values[key]!r} is not one of {list(choices[where])}")
     return cls(**values)
 
 
@@ -190,8 +198,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
-    """Read YAML (or start from defaults), apply `key.sub=value` overrides (values parsed as YAML)."""
+def load_tree(path: str | None, overrides: list[str] = ()) -> dict:
+    """The YAML file's mapping (empty without a file) with `key.sub=value` overrides applied (values as YAML)."""
     tree: dict = {}
     if path:
         try:
@@ -205,7 +213,19 @@ def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: write key.subkey=value")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return _build(RunConfig, tree, "")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
+    return tree
+
+
+def build_config(cls, tree: dict, choices: dict | None = None):
+    """A dataclass config `cls` from a nested mapping, strictly (unknown keys, wrong types, bad choices)."""
+    return _build(cls, tree, "", choices)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML (or start from defaults), apply `key.sub=value` overrides (values parsed as YAML)."""
+    return build_config(RunConfig, load_tree(path, overrides))
 
 
 def dump_config(cfg: RunConfig) -> str:

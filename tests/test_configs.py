@@ -9,7 +9,27 @@ from medssl_scale.config import load_config
 from medssl_scale.train.plan import batch_plan, check_combination, deepspeed_config
 from shardtools import REPO
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+import yaml
+
+ALL = sorted((REPO / "configs").glob("*.yaml"))
+# Evaluation configs (launch/finetune.py) name a protocol; the others are pretraining runs.
+EVAL = [p for p in ALL if "protocol" in (yaml.safe_load(p.read_text()) or {})]
+CONFIGS = [p for p in ALL if p not in EVAL]
+
+
+@pytest.mark.parametrize("path", EVAL, ids=[p.stem for p in EVAL])
+def test_evaluation_config_is_valid(path: Path):
+    from medssl_scale.finetune.config import load_eval_config
+    from medssl_scale.finetune.train_loop import finetune_view
+
+    cfg = load_eval_config(str(path))
+    finetune_view(cfg)  # the fine-tune augmentation keys are checked too
+    assert cfg.protocol in ("linear", "knn", "finetune")
+    assert "launch/finetune.py" in path.read_text()  # each says the command that runs it
+
+
+def test_there_are_evaluation_configs():
+    assert {p.stem for p in EVAL} >= {"ham_linear", "ham_finetune", "cxr_multilabel"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

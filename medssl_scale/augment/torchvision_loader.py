@@ -138,3 +138,17 @@ class TorchvisionPairLoader(EpochCursor):
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True)
+
+
+def signal_safe_batches(dataset, batch_size: int, num_workers: int, pin_memory: bool = False) -> Iterator:
+    """Batches of a map-style `dataset` in order, from workers that leave preemption signals to their owner
+    (as TorchvisionPairLoader's): the evaluation job's loader."""
+    init = functools.partial(_worker_init, _exiting_event()) if num_workers else None
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=pin_memory and torch.cuda.is_available(), worker_init_fn=init)
+    with _held():
+        batches = iter(loader)
+    try:
+        yield from batches
+    finally:
+        getattr(batches, "_shutdown_workers", lambda: None)()

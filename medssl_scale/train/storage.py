@@ -8,6 +8,7 @@ Plain state_dicts (torchvision's format, or encoder.pt files of earlier versions
 
 from __future__ import annotations
 
+import hashlib
 import io
 
 import fsspec
@@ -36,22 +37,47 @@ def save_encoder(state_dict: dict, url: str, arch: dict | None = None) -> None:
 
 def read_encoder(url: str, what: str = "encoder") -> tuple[dict, dict | None]:
     """(state_dict, arch or None) of an encoder.pt or a plain state_dict file."""
+    return read_encoder_file(url, what)[:2]
+
+
+def read_encoder_file(url: str, what: str = "encoder") -> tuple[dict, dict | None, str]:
+    """(state_dict, arch or None, sha256 of the file's bytes): the hash names the weights in caches."""
     from ..config import ConfigError
 
     try:
         with fsspec.open(url, "rb") as f:
-            obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+            data = f.read()
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"{what}: {url} not found") from None
     except Exception as e:  # noqa: BLE001 - pickle/zip errors of a file that is not a torch save
         raise ConfigError(f"{what}: {url} is not a torch state_dict file ({type(e).__name__}: {str(e)[:100]})") from None
+    digest = hashlib.sha256(data).hexdigest()
     if isinstance(obj, dict) and obj.get("format") == ENCODER_FORMAT:
-        return obj["state_dict"], obj.get("arch")
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, None
+        return obj["state_dict"], obj.get("arch"), digest
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None, digest
     raise ConfigError(f"{what}: {url} holds neither an encoder.pt nor a state_dict of tensors")
 
 
 def load_encoder(url: str) -> dict:
     """The state_dict of an encoder file (see read_encoder)."""
     return read_encoder(url, "model.init_encoder")[0]
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save to a local `path` that never holds a partial file: written aside, then renamed.
+
+    Serialized in memory first: torch.save's zip writer refuses some temporary file names."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)

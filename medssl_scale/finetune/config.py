@@ -1,0 +1,168 @@
+"""The evaluation job's configuration: as strict as pretraining's (same YAML + dotted-override machinery)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import yaml
+
+from ..config import ConfigError, build_config, load_tree
+
+PROTOCOLS = ("linear", "knn", "finetune")
+
+
+@dataclass
+class EvalDataConfig:
+    shards: str = "demo-out/shards"      # a labelled medssl-shard build: local path or fsspec URL
+    train_split: str = "train"
+    val_split: str | None = "val"        # null: carve val_fraction of the training patients out instead
+    test_split: str = "test"
+    val_fraction: float = 0.1            # only when val_split is null, drawn by patient, stratified
+    batch_size: int = 256                # images per forward pass, per process (extraction and evaluation)
+    workers: int = 2                     # DataLoader processes decoding images
+    on_corrupt: str = "skip"             # skip (logged) | error
+
+
+@dataclass
+class TaskConfig:
+    type: str = "multiclass"             # multiclass (softmax) | multilabel (sigmoid per label)
+    column: str = "class"                # multiclass: the shards' label column
+    columns: list[str] = field(default_factory=list)  # multilabel: one column per label
+    preset: str | None = None            # chexpert: its five conditions as columns, uncertain -1
+    mapping: dict = field(default_factory=dict)  # multiclass: value -> new class name, or null to drop
+    uncertain: str = "ignore"            # multilabel: ignore (masked) | zeros | ones
+    positive: list[str] = field(default_factory=lambda: ["1", "1.0", "true", "yes", "positive"])
+    negative: list[str] = field(default_factory=lambda: ["0", "0.0", "false", "no", "negative"])
+    uncertain_values: list[str] = field(default_factory=lambda: ["-1", "-1.0", "uncertain"])
+
+
+@dataclass
+class PreprocessConfig:
+    size: int | None = None              # null: the encoder's pretraining size (arch.input_size), else 224
+    crop_fraction: float = 0.875         # resize the short side to size / crop_fraction, then center crop
+    mean: list[float] | None = None      # null: the encoder's normalization, else ImageNet's
+    std: list[float] | None = None
+
+
+@dataclass
+class EvalModelConfig:
+    depth: int | None = None             # null: from the encoder.pt's recorded architecture (else 50)
+    width: int | None = None
+    small_input: bool | None = None
+
+
+@dataclass
+class LinearConfig:
+    l2_grid: list[float] = field(default_factory=lambda: [float(f"{10 ** (-e / 2):.3g}") for e in range(12, -1, -1)])
+    max_iter: int = 1000
+
+
+@dataclass
+class KnnConfig:
+    k: list[int] = field(default_factory=lambda: [10, 20, 50, 100])   # swept, chosen on validation
+    temperature: list[float] = field(default_factory=lambda: [0.07])
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 30
+    batch_size: int = 64                 # images per optimizer step over all processes
+    optimizer: str = "adamw"             # adamw | sgd | lars
+    lr: float = 1e-3                     # peak learning rate at batch_size (no scaling rule applied)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9                # sgd, lars
+    warmup_epochs: float = 1.0
+    final_lr: float = 0.0
+    train_from: str = "stem"             # stem (whole network) | layer1..layer4 | head (linear on frozen)
+    augment: dict = field(default_factory=lambda: {"preset": "finetune"})
+    patience: int = 5                    # epochs without a better validation metric before stopping; 0: off
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (Accelerate mixed precision)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ReportConfig:
+    n_resamples: int = 1000              # patient bootstrap resamples for the 95% intervals
+    seed: int = 0
+    select_metric: str | None = None     # null: accuracy (multiclass) or auc_mean (multilabel)
+
+
+@dataclass
+class EvalConfig:
+    run_dir: str = "runs/eval"
+    protocol: str = "linear"             # linear | knn | finetune
+    encoder: str | None = None           # encoder.pt, a torchvision-format state_dict, or null (random init)
+    seed: int = 0                        # fraction draw, validation carve-out, head init, fine-tune order
+    label_fraction: float | None = None  # 0-1 of the training patients; null with labels_per_class null: all
+    labels_per_class: int | None = None  # patients per class instead of a fraction
+    classifier: str | None = None        # `evaluate` only: the model.pt of an earlier run to apply
+    feature_cache: str | None = None     # null: <run_dir>/../.feature-cache (shared by sibling runs)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def content_hash(self) -> str:
+        """What decides the result; where it is written (run_dir, cache) and decode speed are left out."""
+        d = self.as_dict()
+        for key in ("run_dir", "feature_cache"):
+            d.pop(key)
+        d["data"].pop("workers")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_CHOICES = {
+    "protocol": PROTOCOLS, "task.type": ("multiclass", "multilabel"), "task.preset": (None, "chexpert"),
+    "task.uncertain": ("ignore", "zeros", "ones"), "data.on_corrupt": ("skip", "error"),
+    "finetune.optimizer": ("adamw", "sgd", "lars"), "finetune.precision": ("fp32", "bf16", "fp16"),
+    "finetune.train_from": ("stem", "layer1", "layer2", "layer3", "layer4", "head"),
+    "model.depth": (None, 18, 34, 50, 101, 152),
+}
+
+
+def _check(cfg: EvalConfig) -> EvalConfig:
+    if cfg.label_fraction is not None and cfg.labels_per_class is not None:
+        raise ConfigError("label_fraction and labels_per_class are exclusive: set one of them to null")
+    if cfg.label_fraction is not None and not 0 < cfg.label_fraction <= 1:
+        raise ConfigError(f"label_fraction={cfg.label_fraction}: must be in (0, 1]")
+    if cfg.labels_per_class is not None and cfg.labels_per_class < 1:
+        raise ConfigError(f"labels_per_class={cfg.labels_per_class}: must be at least 1")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be in (0, 1)")
+    if cfg.data.batch_size < 1 or cfg.finetune.batch_size < 1:
+        raise ConfigError("data.batch_size and finetune.batch_size must be at least 1")
+    if cfg.data.workers < 0:
+        raise ConfigError("data.workers must be >= 0")
+    if not 0 < cfg.preprocess.crop_fraction <= 1:
+        raise ConfigError(f"preprocess.crop_fraction={cfg.preprocess.crop_fraction}: must be in (0, 1]")
+    for key in ("mean", "std"):
+        v = getattr(cfg.preprocess, key)
+        if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
+            raise ConfigError(f"preprocess.{key} must list 3 values (std positive), got {v}")
+    if not cfg.linear.l2_grid or min(cfg.linear.l2_grid) <= 0:
+        raise ConfigError("linear.l2_grid must list positive L2 strengths")
+    if not cfg.knn.k or min(cfg.knn.k) < 1 or not cfg.knn.temperature or min(cfg.knn.temperature) <= 0:
+        raise ConfigError("knn.k must list integers >= 1 and knn.temperature positive numbers")
+    if cfg.finetune.epochs < 1:
+        raise ConfigError("finetune.epochs must be at least 1")
+    if cfg.report.n_resamples < 1:
+        raise ConfigError("report.n_resamples must be at least 1")
+    return cfg
+
+
+def load_eval_config(path: str | None, overrides: list[str] = ()) -> EvalConfig:
+    return _check(build_config(EvalConfig, load_tree(path, overrides), _CHOICES))
+
+
+def dump_eval_config(cfg: EvalConfig) -> str:
+    return yaml.safe_dump(cfg.as_dict(), sort_keys=False)
