@@ -16,32 +16,17 @@ saved: rerun the same command to resume.
 import argparse
 import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from medssl_scale.config import ConfigError  # noqa: E402
 from medssl_scale.data.shardset import ShardSetError  # noqa: E402
-from medssl_scale.distributed.env import LaunchError, resolve  # noqa: E402
-
-OTHER_RANKS_WAIT_S = 5.0  # as in pretrain.py: the error shows once, from rank 0
-
-
-def _rank() -> int:
-    try:
-        return resolve().rank
-    except LaunchError:
-        return 0
-
+from medssl_scale.cli import fail as _fail, launch_rank as _rank  # noqa: E402
+from medssl_scale.distributed.env import LaunchError  # noqa: E402
 
 def fail(message: str, code: int) -> int:
-    if _rank() != 0:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        time.sleep(OTHER_RANKS_WAIT_S)
-    print(f"finetune: error: {message}", file=sys.stderr)
-    return code
+    return _fail("finetune", message, code)
 
 
 def main(argv=None) -> int:
