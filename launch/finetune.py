@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from medssl_scale.config import ConfigError  # noqa: E402
+from medssl_scale.data.batch import CorruptImage  # noqa: E402
 from medssl_scale.data.shardset import ShardSetError  # noqa: E402
 from medssl_scale.cli import fail as _fail, launch_rank as _rank  # noqa: E402
 from medssl_scale.distributed.env import LaunchError  # noqa: E402
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
             if cfg.classifier:
                 raise ConfigError("classifier= is for `launch/finetune.py evaluate`; a training run takes encoder=")
             result = run(cfg)
-    except (ConfigError, ShardSetError, LaunchError, EvaluationError) as e:
+    except (ConfigError, ShardSetError, LaunchError, EvaluationError, CorruptImage) as e:
         return fail(str(e), 2)
     except KeyboardInterrupt:
         if _rank() == 0:

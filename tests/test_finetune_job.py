@@ -167,5 +167,8 @@ def test_a_signalled_finetune_resumes_exactly(ham, tmp_path):
     assert not (cut / "metrics.json").exists()
     p = finetune(*args, f"run_dir={cut}")
     assert "resumed from" in p.stdout
-    assert _history(cut) == _history(whole)
+    cut_h, whole_h = _history(cut), _history(whole)
+    # Epoch losses are means of the same step losses, summed in another grouping across the cut: 1e-12.
+    assert [{**h, "loss": None} for h in cut_h] == [{**h, "loss": None} for h in whole_h]
+    assert [h["loss"] for h in cut_h] == pytest.approx([h["loss"] for h in whole_h], rel=1e-12)
     np.testing.assert_array_equal(predictions(cut)[1], predictions(whole)[1])

@@ -23,7 +23,7 @@ class EvalDataConfig:
     val_fraction: float = 0.1            # only when val_split is null, drawn by patient, stratified
     batch_size: int = 256                # images per forward pass, per process (extraction and evaluation)
     workers: int = 2                     # DataLoader processes decoding images
-    on_corrupt: str = "skip"             # skip (logged) | error
+    on_corrupt: str = "skip"             # skip: left out of features/metrics, masked from the loss | error
 
 
 @dataclass
@@ -87,7 +87,7 @@ class FinetuneConfig:
 class ReportConfig:
     n_resamples: int = 1000              # patient bootstrap resamples for the 95% intervals
     seed: int = 0
-    select_metric: str | None = None     # null: accuracy (multiclass) or auc_mean (multilabel)
+    select_metric: str | None = None     # null: accuracy (multiclass) or auc_mean (multilabel); maximized
 
 
 @dataclass
@@ -97,7 +97,7 @@ class EvalConfig:
     encoder: str | None = None           # encoder.pt, a torchvision-format state_dict, or null (random init)
     seed: int = 0                        # fraction draw, validation carve-out, head init, fine-tune order
     label_fraction: float | None = None  # 0-1 of the training patients; null with labels_per_class null: all
-    labels_per_class: int | None = None  # patients per class instead of a fraction
+    labels_per_class: int | None = None  # instead: whole patients per class until it has this many images
     classifier: str | None = None        # `evaluate` only: the model.pt of an earlier run to apply
     feature_cache: str | None = None     # null: <run_dir>/../.feature-cache (shared by sibling runs)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -127,6 +127,8 @@ _CHOICES = {
     "finetune.optimizer": ("adamw", "sgd", "lars"), "finetune.precision": ("fp32", "bf16", "fp16"),
     "finetune.train_from": ("stem", "layer1", "layer2", "layer3", "layer4", "head"),
     "model.depth": (None, 18, 34, 50, 101, 152),
+    # Selection maximizes: only metrics where larger is better (ECE is reported, never selected on).
+    "report.select_metric": (None, "accuracy", "balanced_accuracy", "auc_macro", "auc_mean"),
 }
 
 
@@ -155,6 +157,14 @@ def _check(cfg: EvalConfig) -> EvalConfig:
         raise ConfigError("knn.k must list integers >= 1 and knn.temperature positive numbers")
     if cfg.finetune.epochs < 1:
         raise ConfigError("finetune.epochs must be at least 1")
+    if cfg.finetune.final_lr > cfg.finetune.lr or cfg.finetune.warmup_epochs < 0 or cfg.finetune.lr <= 0:
+        raise ConfigError("finetune: need lr > 0, 0 <= final_lr <= lr and warmup_epochs >= 0")
+    if cfg.finetune.patience < 0 or not 0 <= cfg.finetune.label_smoothing < 1:
+        raise ConfigError("finetune.patience must be >= 0 and finetune.label_smoothing in [0, 1)")
+    sel = cfg.report.select_metric
+    if sel is not None and (sel == "auc_mean") != (cfg.task.type == "multilabel"):
+        raise ConfigError(f"report.select_metric={sel} is not a {cfg.task.type} metric: use "
+                          + ("auc_mean" if cfg.task.type == "multilabel" else "accuracy, balanced_accuracy or auc_macro"))
     if cfg.report.n_resamples < 1:
         raise ConfigError("report.n_resamples must be at least 1")
     return cfg

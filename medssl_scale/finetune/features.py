@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..data.shardset import ShardSet
+from ..distributed.sync import any_rank
 from ..train.storage import atomic_torch_save
 from .images import ImageRecord, LabelledImages, Preprocess, batches, rank_slice
 
@@ -36,9 +37,10 @@ class SplitOutputs:
     present: np.ndarray         # (N,) bool
 
 
-def cache_key(encoder_hash: str, shardset: ShardSet, pre: Preprocess, arch: dict) -> str:
+def cache_key(encoder_hash: str, shardset: ShardSet, pre: Preprocess, arch: dict, precision: str = "fp32") -> str:
     what = {"format": CACHE_FORMAT, "encoder": encoder_hash, "shards": shardset.fingerprint, "split": shardset.split,
-            "preprocess": pre.as_dict(), "arch": {k: arch.get(k) for k in ("depth", "width", "small_input")}}
+            "preprocess": pre.as_dict(), "arch": {k: arch.get(k) for k in ("depth", "width", "small_input")},
+            "precision": precision}  # extraction runs under autocast: bf16 features are other features
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -55,7 +57,7 @@ def run_over_split(accelerator, fn: Callable[[torch.Tensor], torch.Tensor], shar
             out = fn(images.to(accelerator.device)).float()
         out = accelerator.gather(out.contiguous()).cpu()
         positions = accelerator.gather(positions.to(accelerator.device)).cpu().numpy()
-        valid = accelerator.gather(valid.to(accelerator.device)).cpu().numpy().astype(bool)
+        valid = accelerator.gather(valid.to(torch.uint8).to(accelerator.device)).cpu().numpy().astype(bool)
         if values is None:
             values = np.zeros((len(records), out.shape[1]), dtype=np.float32)
         values[positions[valid]] = out.numpy()[valid]
@@ -69,11 +71,12 @@ def cached_features(accelerator, backbone: torch.nn.Module, shardset: ShardSet, 
     """The split's features from the cache, or extracted (all processes) and cached by the main process."""
     path = Path(cache_dir) / f"{key}.pt"
     ids = [r.sample_id for r in records]
-    if path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("format") == CACHE_FORMAT and blob.get("sample_ids") == ids:
-            log(f"features of {shardset.split}: {len(ids)} images from the cache {path}")
-            return SplitOutputs(blob["features"].numpy(), blob["present"].numpy())
+    blob = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
+    hit = blob.get("format") == CACHE_FORMAT and blob.get("sample_ids") == ids
+    # Extraction is collective: if any process cannot read the cache (nodes without a shared disk), all extract.
+    if not any_rank(not hit, accelerator.device):
+        log(f"features of {shardset.split}: {len(ids)} images from the cache {path}")
+        return SplitOutputs(blob["features"].numpy(), blob["present"].numpy())
     backbone.eval()
     out = run_over_split(accelerator, backbone, shardset, records, pre, batch_size, workers, on_corrupt)
     if accelerator.is_main_process:

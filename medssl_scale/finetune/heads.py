@@ -29,8 +29,12 @@ def fit_linear(cfg: EvalConfig, task: str, names: list[str], xtr, ytr, xva, yva,
     w = (p.weight / p.std[:, None]).double()
     b = (p.bias - (p.mean / p.std) @ p.weight).double()
     head = {"weight": w.T.float().contiguous(), "bias": b.float()}
+    grid = sorted(cfg.linear.l2_grid)
+    # A strength at the end of the grid may not be the best one: widen linear.l2_grid and look again.
+    edge = "largest" if sweep.l2 == grid[-1] else "smallest" if sweep.l2 == grid[0] else None
     selection = {"metric": sweep.metric, "value": sweep.value, "l2": sweep.l2,
-                 "C_sklearn": 1.0 / (sweep.l2 * len(xtr)), "n_iter": p.n_iter, "sweep": sweep.table}
+                 "C_sklearn": 1.0 / (sweep.l2 * len(xtr)), "n_iter": p.n_iter, "l2_at_grid_edge": edge,
+                 "sweep": sweep.table}
     return HeadResult(scores, selection, head)
 
 

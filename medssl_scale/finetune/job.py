@@ -7,7 +7,6 @@ test split is scored once, at the end, by the chosen model. Work is split across
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -97,7 +96,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
         feats = {}
         for s in (sets.train, sets.val, sets.test):
             if s.shardset.split not in feats:
-                key = cache_key(enc.hash, s.shardset, enc.preprocess, enc.arch)
+                key = cache_key(enc.hash, s.shardset, enc.preprocess, enc.arch, cfg.finetune.precision)
                 feats[s.shardset.split] = cached_features(acc, enc.backbone, s.shardset, s.records, enc.preprocess,
                                                           key, _cache_dir(cfg), cfg.data.batch_size,
                                                           cfg.data.workers, cfg.data.on_corrupt, log=log)
@@ -109,6 +108,9 @@ def run(cfg: EvalConfig, log=print) -> dict:
             xva, okva = _rows(feats[sets.val.shardset.split], sets.val, "val")
             xte, okte = _rows(feats[sets.test.shardset.split], sets.test, "test")
             head = FITS[cfg.protocol](cfg, task, names, xtr, sets.train.labels[oktr], xva, sets.val.labels[okva], xte)
+            if head.selection.get("l2_at_grid_edge"):
+                log(f"note: the chosen L2 strength {head.selection['l2']:g} is the "
+                    f"{head.selection['l2_at_grid_edge']} of linear.l2_grid; a wider grid may do better")
             extra.update(selection=head.selection, extract_s=round(extract_s, 2), fit_s=round(time.time() - t0, 3))
             save_model(str(run_dir / "model.pt"), protocol=cfg.protocol, task=task, names=names, arch=enc.arch,
                        pre=enc.preprocess, encoder_hash=enc.hash, backbone=enc.backbone.state_dict(), head=head.head)
@@ -126,15 +128,14 @@ def _run_finetune(cfg, acc, sets, enc, run_dir, extra, log) -> dict:
                       cfg.content_hash(), log=log if acc.is_main_process else (lambda *_: None))
     tuner.resume()
     extra["finetune"] = tuner.fit()
-    scores_all = tuner.evaluate(sets.test)
+    scores_all, ok = tuner.evaluate(sets.test)
     module = acc.unwrap_model(tuner.model)
     result = None
     if acc.is_main_process:
-        ok = np.ones(sets.test.index.size, dtype=bool)
         save_model(str(run_dir / "model.pt"), protocol="finetune", task=task, names=names, arch=enc.arch,
                    pre=enc.preprocess, encoder_hash=enc.hash, backbone=module.backbone.state_dict(),
                    head={"weight": module.head.weight.detach().cpu(), "bias": module.head.bias.detach().cpu()})
-        result = _write_outputs(run_dir, cfg, sets, scores_all, ok, _meta(cfg, sets, enc.hash, extra))
+        result = _write_outputs(run_dir, cfg, sets, scores_all[ok], ok, _meta(cfg, sets, enc.hash, extra))
     acc.wait_for_everyone()
     return result or {}
 
@@ -155,16 +156,11 @@ def evaluate_saved(cfg: EvalConfig, classifier: str, log=print) -> dict:
         run_dir = Path(cfg.run_dir)
         (run_dir / "config.yaml").write_text(dump_eval_config(cfg))
         scores, ok = _rows(out, sets.test, "test")
-        extra = {"protocol": f"evaluate:{obj['protocol']}", "classifier": classifier,
+        extra = {"protocol": f"evaluate:{obj['protocol']}", "classifier": classifier, "label_fraction": None,
+                 "labels_per_class": None, "encoder": None,
                  "preprocess": obj["preprocess"], "arch": obj["arch"]}
         meta = {**_meta(cfg, sets, obj["encoder_hash"], {}), **extra}
         result = _write_outputs(run_dir, cfg, sets, scores, ok, meta)
     acc.wait_for_everyone()
     return result or {}
 
-
-def summary_line(result: dict) -> str:
-    m = result.get("metrics", {})
-    key = "accuracy" if "accuracy" in m else "auc_mean"
-    v = m.get(key, {})
-    return json.dumps({key: v.get("value"), "ci": [v.get("low"), v.get("high")]})

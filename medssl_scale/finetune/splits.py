@@ -37,7 +37,8 @@ class ImageSet:
 
     def counts(self) -> dict:
         return {f"n_{self.role}_images": int(self.index.size),
-                f"n_{self.role}_patients": int(len(set(self.patient_ids.tolist())))}
+                f"n_{self.role}_patients": int(len(set(self.patient_ids.tolist()))),
+                f"n_{self.role}_split_unlabelled": self.unlabelled}
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,10 +101,14 @@ def build_optimizer(cfg: EvalConfig, model: torch.nn.Module) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=f.lr)
 
 
-def loss_fn(task: str, logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+def loss_fn(task: str, logits: torch.Tensor, target: torch.Tensor, smoothing: float,
+            valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss over the valid images (an undecodable image, skipped, is invalid) and known labels."""
+    ok = torch.ones(len(target), dtype=torch.bool, device=target.device) if valid is None else valid
     if task == "multiclass":
-        return nnf.cross_entropy(logits.float(), target, label_smoothing=smoothing)
-    known = ~torch.isnan(target)  # missing / ignored-uncertain labels are masked out of the loss
+        per = nnf.cross_entropy(logits.float(), target, label_smoothing=smoothing, reduction="none")
+        return (per * ok).sum() / ok.sum().clamp(min=1)
+    known = ~torch.isnan(target) & ok[:, None]  # missing / ignored-uncertain labels are masked out of the loss
     per = nnf.binary_cross_entropy_with_logits(logits.float(), torch.nan_to_num(target), reduction="none")
     return (per * known).sum() / known.sum().clamp(min=1)
 
@@ -170,56 +175,63 @@ class FineTuner:
         y = torch.as_tensor(self.train.labels[rows])
         return y.to(self.acc.device)
 
-    def evaluate(self, images: ImageSet) -> np.ndarray:
-        """Probabilities for every record of the split (rows of images.index are then selected)."""
+    def evaluate(self, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities of the set's images, and which of them decoded (the others have no prediction)."""
         self.model.eval()
         module = self._module()
         out = run_over_split(self.acc, lambda x: probabilities(self.task, module(x)), images.shardset,
                              images.records, self.pre, self.cfg.data.batch_size, self.cfg.data.workers,
                              self.cfg.data.on_corrupt)
-        return out.values[images.index]
+        return out.values[images.index], out.present[images.index]
 
     def _validate(self) -> float:
-        scores = self.evaluate(self.val)
+        scores, ok = self.evaluate(self.val)
         metric = self.cfg.report.select_metric or ("accuracy" if self.task == "multiclass" else "auc_mean")
-        values = metric_arrays(self.task, self.val.labels, scores, names=self.names)
+        values = metric_arrays(self.task, self.val.labels[ok], scores[ok], names=self.names)
         if metric not in values:
             raise ConfigError(f"report.select_metric={metric!r} is not a {self.task} metric ({', '.join(values)})")
         return float(values[metric][0])
+
+    def train_epoch(self, preemption: Preemption | None = None) -> None:
+        """The current epoch's remaining steps (from the cursor). A signal agreed by all processes at a
+        step boundary saves the checkpoint and raises Stopped."""
+        s, f = self.state, self.cfg.finetune
+        rows = self._epoch_order(s.epoch)
+        positions = self.train.index[rows]
+        dataset = LabelledImages(self.train.shardset, self.train.records, positions, self.pre, view=self.view,
+                                 seed=self.cfg.seed, epoch=s.epoch, on_corrupt=self.cfg.data.on_corrupt)
+        subset = torch.utils.data.Subset(dataset, range(s.step * self.micro, len(dataset)))
+        _train_mode(self._module())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # summed on the device: no host sync per step
+        for x, _, valid in batches(subset, self.micro, self.cfg.data.workers):
+            lr = lr_at(s.epoch * self.steps_per_epoch + s.step, f.lr, self.warmup, self.total_steps, f.final_lr)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            y = self._targets(rows[s.step * self.micro:(s.step + 1) * self.micro])
+            with self.acc.autocast():
+                logits = self.model(x.to(self.acc.device, non_blocking=True))
+            loss = loss_fn(self.task, logits, y, f.label_smoothing, valid.to(self.acc.device))
+            self.acc.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().double()
+            s.step += 1
+            s.loss_steps += 1
+            stop = preemption.agreed(self.acc.device) if preemption is not None else None
+            if stop:
+                s.loss_sum += float(loss_sum)
+                self.save_checkpoint()
+                self.log(f"{stop} received: checkpoint {self.ckpt_path} saved at epoch {s.epoch} step "
+                         f"{s.step}; rerun the same command to resume")
+                raise Stopped()
+        s.loss_sum += float(loss_sum)
 
     def fit(self) -> dict:
         s, f = self.state, self.cfg.finetune
         preemption = Preemption()
         lr_peak = f.lr
         while not s.done and s.epoch < f.epochs:
-            rows = self._epoch_order(s.epoch)
-            positions = self.train.index[rows]
-            dataset = LabelledImages(self.train.shardset, self.train.records, positions, self.pre, view=self.view,
-                                     seed=self.cfg.seed, epoch=s.epoch, on_corrupt=self.cfg.data.on_corrupt)
-            start = s.step * self.micro
-            subset = torch.utils.data.Subset(dataset, range(start, len(dataset)))
-            _train_mode(self._module())
-            for i, (x, _, valid) in enumerate(batches(subset, self.micro, self.cfg.data.workers)):
-                step = s.epoch * self.steps_per_epoch + s.step
-                lr = lr_at(step, lr_peak, self.warmup, self.total_steps, f.final_lr)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                sl = rows[(s.step * self.micro):(s.step + 1) * self.micro]
-                y = self._targets(sl)
-                with self.acc.autocast():
-                    logits = self.model(x.to(self.acc.device))
-                loss = loss_fn(self.task, logits, y, f.label_smoothing)
-                self.acc.backward(loss)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                s.loss_sum, s.loss_steps = s.loss_sum + float(loss.detach()), s.loss_steps + 1
-                s.step += 1
-                stop = preemption.agreed(self.acc.device)
-                if stop:
-                    self.save_checkpoint()
-                    self.log(f"{stop} received: checkpoint {self.ckpt_path} saved at epoch {s.epoch} step "
-                             f"{s.step}; rerun the same command to resume")
-                    raise Stopped()
+            self.train_epoch(preemption)
             value = self._validate()
             improved = value > s.best_value
             if improved:
@@ -240,6 +252,8 @@ class FineTuner:
                 s.done = True
                 self.log(f"early stop: no better validation metric for {f.patience} epochs")
             self.save_checkpoint()
+        for sig in Preemption.SIGNALS:  # training is over and saved: a signal now stops the job as usual
+            signal.signal(sig, signal.SIG_DFL)
         if self.best_state is not None:
             self._module().load_state_dict(self.best_state)
         return {"epochs_run": s.epoch, "best_epoch": s.best_epoch, "best_val": s.best_value,
