@@ -64,11 +64,12 @@ def _vocabulary(manifest_labels: dict, column: str, url: str) -> list[str]:
 
 def _multiclass(task: TaskConfig, manifest_labels: dict, url: str, classes: list[str] | None) -> LabelSpec:
     vocab = _vocabulary(manifest_labels, task.column, url)
-    unknown = sorted(set(task.mapping) - set(vocab))
+    # YAML reads `0: benign` with an integer key; shard labels are strings.
+    mapping = {str(k): (None if v is None else str(v)) for k, v in task.mapping.items()}
+    unknown = sorted(set(mapping) - set(vocab))
     if unknown:
         raise ConfigError(f"task.mapping names {unknown}, not values of column {task.column!r} "
                           f"(values: {', '.join(vocab)})")
-    mapping = {str(k): (None if v is None else str(v)) for k, v in task.mapping.items()}
     mapped = sorted({mapping.get(v, v) for v in vocab} - {None})
     if classes is None:  # training: the classes are what the data hold
         if len(mapped) < 2:

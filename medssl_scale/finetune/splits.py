@@ -59,7 +59,12 @@ def open_split(url: str, split: str, key: str) -> ShardSet:
 
 def manifest_labels(url: str) -> dict:
     from sharding.storage import Location
-    return json.loads(Location(url).read_bytes("manifest.json")).get("labels") or {}
+    try:
+        return json.loads(Location(url).read_bytes("manifest.json")).get("labels") or {}
+    except FileNotFoundError:
+        raise ConfigError(f"data.shards={url}: no manifest.json (is it a finished `medssl-shard build` OUTPUT?)") from None
+    except ValueError as e:
+        raise ConfigError(f"data.shards={url}: manifest.json is not valid JSON ({e})") from None
 
 
 def _labelled(role: str, shardset: ShardSet, spec: LabelSpec) -> ImageSet:
@@ -84,8 +89,17 @@ def _subset(s: ImageSet, rows: np.ndarray, role: str) -> ImageSet:
 def build_sets(cfg: EvalConfig, classes: list[str] | None = None, test_only: bool = False) -> JobSets:
     """Open the splits `cfg` names and label them; draw the training fraction. `classes`: a saved model's."""
     d = cfg.data
+    labels = manifest_labels(d.shards)
+    if not test_only:
+        roles = {"data.train_split": d.train_split, "data.val_split": d.val_split, "data.test_split": d.test_split}
+        named = [(k, v) for k, v in roles.items() if v]
+        for i, (k, v) in enumerate(named):
+            for k2, v2 in named[i + 1:]:
+                if v == v2:
+                    raise ConfigError(f"{k} and {k2} both name split {v!r}: selection and the test score need "
+                                      f"disjoint splits (data.val_split=null carves validation from train)")
     test_ss = open_split(d.shards, d.test_split, "data.test_split")
-    spec = label_spec(cfg.task, manifest_labels(d.shards), d.shards, classes)
+    spec = label_spec(cfg.task, labels, d.shards, classes)
     test = _labelled("test", test_ss, spec)
     if test_only:
         return JobSets(spec, None, None, test)
