@@ -146,3 +146,35 @@ def test_class_absent_from_train_gets_probability_zero():
     assert np.abs(ours[:, [0, 2, 3]] - sk.predict_proba(_standardized(x, x[keep]))).max() < TOL
     with pytest.raises(EvaluationError, match="single class"):
         fit_logistic(x, np.zeros(len(x), dtype=np.int64), task="multiclass", l2=1e-2, num_outputs=3)
+
+
+@pytest.mark.parametrize("variant", ["default", "no_basis", "no_onednn", "rows_layout", "lbfgs_refit", "absent_class"])
+def test_sweep_refit_equals_sklearn_on_every_path(monkeypatch, variant):
+    """The preconditioner (eigenbasis or identity), the float32 products (oneDNN, plain, or the rows layout
+    GPUs use) and the refit (Newton-CG, or L-BFGS when Newton stops short) change the iterations, never
+    the returned model."""
+    import medssl_scale.evaluate.probe as probe_mod
+
+    x, y = _data(n=400, d=30, c=4, seed=11)
+    x = x @ np.random.default_rng(12).normal(size=(30, 30))  # correlated features
+    xv, yv = _data(n=150, d=30, c=4, seed=13)
+    xv = xv @ np.random.default_rng(12).normal(size=(30, 30))
+    if variant == "no_basis":
+        monkeypatch.setattr(probe_mod, "_BASIS_MAX_DIM", 0)
+    if variant == "no_onednn":
+        monkeypatch.setattr(probe_mod, "_USE_DNN", False)
+    if variant == "rows_layout":
+        monkeypatch.setattr(probe_mod, "_columns", lambda x: False)
+    if variant == "lbfgs_refit":
+        newton = probe_mod._newton_refit
+        monkeypatch.setattr(probe_mod, "_newton_refit", lambda *a, **k: newton(*a, **k, max_steps=0))
+    keep = y != 1 if variant == "absent_class" else np.ones(len(y), dtype=bool)
+    sweep = fit_probe_sweep(x[keep], y[keep], xv, yv, task="multiclass", num_outputs=4, l2_grid=[1e-3, 1e-2, 1e-1])
+    assert sweep.probe.grad_max <= 1e-7 and sweep.probe.weight.dtype == torch.float64
+    ours = sweep.probe.predict_proba(xv).numpy()
+    labels = np.array([0, -1, 1, 2])[y[keep]] if variant == "absent_class" else y
+    sk = _sklearn(_standardized(x[keep], x[keep]), labels, sweep.l2)
+    cols = [0, 2, 3] if variant == "absent_class" else [0, 1, 2, 3]
+    assert np.abs(ours[:, cols] - sk.predict_proba(_standardized(xv, x[keep]))).max() < TOL
+    if variant == "absent_class":
+        assert (ours[:, 1] == 0).all()
