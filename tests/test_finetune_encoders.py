@@ -46,3 +46,21 @@ def test_a_trainer_encoder_loads_with_its_architecture_and_probes(overrides, pre
     model = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(model["backbone"][k], v) for k, v in saved["state_dict"].items())  # frozen, as saved
     assert m["n_test_images"] > 0 and 0.0 <= m["metrics"]["accuracy"]["value"] <= 1.0
+
+
+def test_a_torchvision_state_dict_loads_without_its_classifier(view_shards, tmp_path, one_thread):
+    import torchvision
+
+    path = tmp_path / "resnet18-weights.pt"  # e.g. ImageNet weights a user downloaded; nothing is fetched
+    tv = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(tv, path)
+    out = tmp_path / "probe"
+    cfg = load_eval_config(str(REPO / "configs/ham_linear.yaml"), [
+        f"encoder={path}", "model.depth=18", "preprocess.size=32", f"data.shards={view_shards}", f"run_dir={out}",
+        "task.column=view", "task.mapping={AP Supine: AP}", "data.workers=0", "report.n_resamples=50",
+        "linear.l2_grid=[0.1]"])
+    m = run(cfg, log=lambda *_: None)
+    assert m["encoder_source"] == "state_dict" and m["preprocess"]["size"] == 32
+    backbone = torch.load(out / "model.pt", weights_only=True)["backbone"]
+    assert set(backbone) == {k for k in tv if not k.startswith("fc.")}
+    assert all(torch.equal(backbone[k], tv[k]) for k in backbone)
