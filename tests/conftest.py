@@ -24,3 +24,45 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- pretraining runs
+# Each real launcher run costs tens of seconds of start-up on a 2-core machine, so runs with the same
+# configuration are made once per session and shared by every test file that needs them (read only: a
+# test that changes a run's folder works on a copy).
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory):
+    """Shards of the shipped sample (data/sample_cxr), built once per session; tests only read them."""
+    from trainrun import build_sample_shards
+
+    return build_sample_shards(tmp_path_factory.mktemp("sample-shards") / "shards")
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(sample_shards, tmp_path_factory):
+    """pretrain_run(launcher, *overrides) -> the run_dir of a finished run on `sample_shards` (trainrun.run
+    with these arguments, exit status 0), made on first request and reused by every later one."""
+    from trainrun import run
+
+    done = {}
+
+    def get(launcher: str, *overrides: str):
+        key = (launcher, *overrides)
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp(f"{launcher}-run") / "run"
+            done[key] = run_dir, run(launcher, run_dir, sample_shards, *overrides)
+        run_dir, proc = done[key]
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return run_dir
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(pretrain_run):
+    """The uninterrupted LARS run (ZeRO 0, warmup then cosine) through the deepspeed launcher that the
+    resume, signal, torchrun, export and plain-LARS tests compare with (trainrun.REFERENCE)."""
+    from trainrun import REFERENCE
+
+    return pretrain_run("deepspeed", *REFERENCE)

@@ -1,5 +1,8 @@
-"""Resuming and exporting the way clusters do it: shards moved and loader workers changed between runs,
-a finished run extended, and ZeRO-3 across two nodes with checkpoints on object storage."""
+"""Resuming and exporting the way clusters do it: shards moved, loader workers and launcher changed between
+runs, a finished run extended, and ZeRO-3 across two nodes with checkpoints on object storage.
+
+The runs compared with come from conftest's session fixtures, shared with test_train.py: `reference` (8
+steps), the 5-step torchrun run and the one-node ZeRO-3 run (`pretrain_run`)."""
 
 from __future__ import annotations
 
@@ -10,43 +13,39 @@ import pytest
 import torch
 
 from shardtools import REPO
-from trainrun import FAST, VENV_BIN, build_sample_shards, env, free_port, losses, run
+from trainrun import ADAMW, FAST, FIVE_STEPS, REFERENCE, VENV_BIN, env, free_port, losses, run
 
 pytestmark = pytest.mark.train
-# A constant learning rate, so that a run of 2 steps extended to 4 is the 4-step run exactly.
-CONSTANT_LR = ["optim.lr_scaling=none", "optim.base_lr=0.05", "optim.final_lr=0.05", "optim.warmup_steps=0",
-               "train.checkpoint_every=2"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_sample_shards(tmp_path_factory.mktemp("resume") / "shards")
+def shards(sample_shards):
+    return sample_shards
 
 
-def test_extend_a_finished_run_after_moving_the_shards_and_adding_workers(shards, tmp_path):
-    reference = tmp_path / "reference"
-    proc = run("deepspeed", reference, shards, *CONSTANT_LR, "train.steps=4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+def test_extend_a_finished_run_after_moving_the_shards_and_adding_workers(reference, pretrain_run, shards, tmp_path):
+    """A finished 5-step run extended to 8 steps is the 8-step reference exactly: its 5 steps are all warmup,
+    whose learning rates do not depend on the run's length, and the extension recomputes the schedule (the
+    cosine decay) for 8. The finished run is the shared torchrun one: the checkpoint is the launcher's own."""
     run_dir = tmp_path / "run"
-    proc = run("deepspeed", run_dir, shards, *CONSTANT_LR, "train.steps=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(pretrain_run("torchrun", *FIVE_STEPS), run_dir)  # a copy: the shared run stays as it was
     moved = tmp_path / "elsewhere" / "shards"
     shutil.copytree(shards, moved)
     # Asking for more steps without saying so is refused in one line, naming the key that allows it.
-    proc = run("python", run_dir, moved, *CONSTANT_LR, "train.steps=4", timeout=300)
+    proc = run("python", run_dir, moved, *REFERENCE, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "train.extend=true" in errors[0], proc.stderr[-2000:]
-    # The shards now live elsewhere and the loader has a worker process: neither changes the result.
-    proc = run("deepspeed", run_dir, moved, *CONSTANT_LR, "train.steps=4", "train.extend=true", "data.workers=1")
+    # The shards now live elsewhere, the loader has a worker process, and deepspeed (not torchrun) launches:
+    # none of these changes the result.
+    proc = run("deepspeed", run_dir, moved, *REFERENCE, "train.extend=true", "data.workers=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step 2" in proc.stdout + proc.stderr
+    assert "resumed from step 5" in proc.stdout + proc.stderr
     assert losses(run_dir) == losses(reference)
     enc, ref = (torch.load(d / "encoder.pt", weights_only=True)["state_dict"] for d in (run_dir, reference))
-    assert all(torch.equal(enc[k], ref[k]) for k in ref)
+    assert enc.keys() == ref.keys() and all(torch.equal(enc[k], ref[k]) for k in ref)
     # Other data (the same images sharded at another size) is still another configuration.
     other = build_sample_shards_other(tmp_path / "other")
-    proc = run("python", run_dir, other, *CONSTANT_LR, "train.steps=4", "train.extend=true", timeout=300)
+    proc = run("python", run_dir, other, *REFERENCE, "train.extend=true", timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "another configuration" in errors[0], proc.stderr[-2000:]
 
@@ -62,15 +61,13 @@ def build_sample_shards_other(out):
 
 
 @pytest.mark.s3
-def test_zero3_on_two_nodes_with_checkpoints_on_s3_exports_the_whole_model(s3_endpoint, shards, tmp_path):
+def test_zero3_on_two_nodes_with_checkpoints_on_s3_exports_the_whole_model(s3_endpoint, pretrain_run, shards,
+                                                                           tmp_path):
     """Two "nodes" of one process each (--no_ssh, one launcher per node rank, a hostfile) on loopback.
     Each has its own run_dir (node-local disk) and staging; only the bucket holds every partition. The
-    losses and the exported encoder must equal the one-node ZeRO-3 run's."""
-    common = ["train.steps=2", "train.checkpoint_every=2", "optim.name=adamw", "optim.base_lr=0.001",
-              "optim.warmup_steps=1", "train.zero_stage=3"]
-    one_node = tmp_path / "one-node"
-    proc = run("deepspeed", one_node, shards, *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses and the exported encoder must equal the one-node ZeRO-3 run's (test_train.py's, shared)."""
+    common = [*ADAMW, "train.zero_stage=3"]
+    one_node = pretrain_run("deepspeed", *common)
 
     s3_endpoint.make_bucket("zero3")
     hostfile = tmp_path / "hostfile"
@@ -87,7 +84,7 @@ def test_zero3_on_two_nodes_with_checkpoints_on_s3_exports_the_whole_model(s3_en
         _, err = p.communicate(timeout=400)
         assert p.returncode == 0, err[-3000:]
     got, want = losses(run_dirs[0]), losses(one_node)
-    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2]
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
     enc, ref = (torch.load(d / "encoder.pt", weights_only=True)["state_dict"] for d in (run_dirs[0], one_node))
     assert enc.keys() == ref.keys()

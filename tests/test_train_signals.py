@@ -1,6 +1,9 @@
 """Signals, ports and launch errors through the real deepspeed launcher (2 CPU processes, DataLoader workers):
 SIGTERM or Ctrl-C to the whole process group checkpoints and resumes exactly, a signal on one rank is named
-by all, CPU thread counts, a taken rendezvous port, and user errors that are one line, once."""
+by all, CPU thread counts, a taken rendezvous port, and user errors that are one line, once.
+
+Runs are compared with conftest's session `reference` (trainrun.REFERENCE: shared with test_train.py); the
+runs here differ from it only in what leaves the weights alone (loader workers, checkpoint cadence)."""
 
 from __future__ import annotations
 
@@ -16,25 +19,19 @@ import psutil
 import pytest
 
 from shardtools import REPO
-from trainrun import (FAST, VENV_BIN, build_sample_shards, env, env_without_omp, losses, run, signal_group,
-                      start_logged, wait_for_step)
+from trainrun import (FAST, REFERENCE, VENV_BIN, env, env_without_omp, losses, run, signal_group, start_logged,
+                      wait_for_step)
 
 pytestmark = pytest.mark.train
-# DataLoader workers on: Slurm and a terminal signal them too (FAST alone has none).
-STEPS = ["train.steps=5", "train.checkpoint_every=100", "data.workers=1"]
+# The reference's run, with DataLoader workers on (Slurm and a terminal signal them too; FAST alone has none)
+# and no periodic checkpoint before the end: a checkpoint found after a signal is the one the signal saved.
+STEPS = [o for o in REFERENCE if not o.startswith("train.checkpoint_every=")] + ["train.checkpoint_every=100",
+                                                                                "data.workers=1"]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return build_sample_shards(tmp_path_factory.mktemp("signals") / "shards")
-
-
-@pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    proc = run("deepspeed", run_dir, shards, *STEPS)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir
+def shards(sample_shards):
+    return sample_shards
 
 
 def _checkpoint_step(run_dir) -> int:
@@ -45,34 +42,40 @@ def _warnings(output: str, pattern: str) -> list[str]:
     return [line for line in output.splitlines() if "WARNING" in line and re.search(pattern, line)]
 
 
-def test_sigterm_to_the_group_with_loader_workers_checkpoints_and_resumes(reference, shards, tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "out.log"
-    proc = start_logged("deepspeed", run_dir, shards, *STEPS, log=log)
-    wait_for_step(run_dir, 2, proc)
-    rc = signal_group(proc, signal.SIGTERM)
-    output = log.read_text()
+@pytest.fixture(scope="module")
+def sigterm_then_ctrl_c(shards, tmp_path_factory):
+    """One run, two launches: SIGTERM to the group of the first at step 2 or later; the rerun (which resumes)
+    gets Ctrl-C two steps after the step it resumed from. What each saw, as (exit status, output, checkpoint
+    step, losses) after each launch, for the two tests below."""
+    tmp = tmp_path_factory.mktemp("sigterm")
+    run_dir, seen = tmp / "run", []
+    for sig, log, step in ((signal.SIGTERM, tmp / "sigterm.log", 2), (signal.SIGINT, tmp / "ctrl-c.log", None)):
+        proc = start_logged("deepspeed", run_dir, shards, *STEPS, log=log)
+        wait_for_step(run_dir, step or seen[0][2] + 2, proc)
+        rc = signal_group(proc, sig)  # SIGINT to the group is what Ctrl-C in a terminal does
+        seen.append((rc, log.read_text(), _checkpoint_step(run_dir), losses(run_dir)))
+    return seen
+
+
+def test_sigterm_to_the_group_with_loader_workers_checkpoints_and_resumes(reference, sigterm_then_ctrl_c):
+    (rc, output, saved_step, records), (_, rerun, _, rerun_records) = sigterm_then_ctrl_c
     # The deepspeed command has no SIGTERM handler on one node: it dies of the signal at once (143 in a
     # shell); its launch.py child terminates the ranks' trees and waits up to 30 s, then exits 1.
     assert rc == -signal.SIGTERM, output[-3000:]
     assert "DataLoader worker" not in output and "Traceback" not in output, output[-3000:]
     saved = _warnings(output, r"SIGTERM received \(by [12] of 2 ranks\)")  # a rank may agree before its signal lands
     assert len(saved) == 1 and "exiting with status 99" in saved[0], output[-3000:]
-    assert _checkpoint_step(run_dir) == losses(run_dir)[-1][0] >= 2  # the last step run is the one saved
-    proc = run("deepspeed", run_dir, shards, *STEPS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step" in proc.stdout + proc.stderr
-    assert losses(run_dir) == losses(reference)
+    assert saved_step == records[-1][0] >= 2  # the last step run is the one saved
+    # The rerun resumes from it exactly: every step it ran (two at least) has the reference's loss.
+    assert f"resumed from step {saved_step} " in rerun, rerun[-3000:]
+    assert len(rerun_records) >= saved_step + 2 and rerun_records == losses(reference)[:len(rerun_records)]
 
 
-def test_ctrl_c_checkpoints_with_one_line_and_no_rank_tracebacks(shards, tmp_path):
-    run_dir, log = tmp_path / "run", tmp_path / "out.log"
-    proc = start_logged("deepspeed", run_dir, shards, *STEPS, log=log)
-    wait_for_step(run_dir, 2, proc)
-    rc = signal_group(proc, signal.SIGINT)  # what Ctrl-C in a terminal does
-    output = log.read_text()
+def test_ctrl_c_checkpoints_with_one_line_and_no_rank_tracebacks(sigterm_then_ctrl_c):
+    (_, _, first_saved, _), (rc, output, saved_step, records) = sigterm_then_ctrl_c
     saved = _warnings(output, r"SIGINT received \(by [12] of 2 ranks\)")
     assert len(saved) == 1 and "checkpoint step" in saved[0], output[-3000:]
-    assert _checkpoint_step(run_dir) == losses(run_dir)[-1][0] >= 2
+    assert saved_step == records[-1][0] >= first_saved + 2 >= 2
     # The only traceback left is the deepspeed command's own (runner.py waits for launch.py without a SIGINT
     # handler on one node); it exits of SIGINT (130 in a shell).
     tracebacks = output.split("Traceback (most recent call last):")[1:]

@@ -11,7 +11,7 @@ import pytest
 
 from medssl_scale.distributed.launch import slurm_job_port
 from shardtools import REPO
-from trainrun import FAST, build_sample_shards, losses
+from trainrun import FAST, losses
 
 pytestmark = [pytest.mark.slurm, pytest.mark.train]
 # Slurm signals every process of the step: the DataLoader workers (data.workers=1) too.
@@ -37,10 +37,16 @@ def _wait_for_step(slurm_cluster, job, run_dir, step):
 
 
 def _start_requeued_job_now(slurm_cluster, job):
-    # Slurm holds a requeued job back for a while (begin time in the future); let it start at once.
+    # Slurm holds a requeued job back for a while (begin time in the future); let it start almost at once.
     deadline = time.time() + 120
     while slurm_cluster.state(job) != "PENDING" and time.time() < deadline:
         time.sleep(0.5)
+    # But not within the second of the requeue: slurmd has just revoked the killed instance's job credential,
+    # and an instance started at once (0.3 s later, here) was refused as revoked too ("Killing non-startable
+    # batch JobId=2: Job credential revoked"; slurmd: "already killed, do not launch"): FAILED, no restart.
+    pending = time.time()
+    while int(time.time()) < int(pending) + 2:
+        time.sleep(0.1)
     slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
 
@@ -57,8 +63,8 @@ def _assert_resumed_once(slurm_cluster, job, run_dir, log_dir, steps):
     return output
 
 
-def test_pretrain_job_is_requeued_and_resumes(slurm_cluster, tmp_path):
-    shards = build_sample_shards(tmp_path / "shards")
+def test_pretrain_job_is_requeued_and_resumes(slurm_cluster, sample_shards, tmp_path):
+    shards = sample_shards  # conftest: built once per session, read only
     run_dir = tmp_path / "run"
     job = _submit(slurm_cluster, run_dir, shards, slurm_cluster.log_dir / "pretrain-%j.out", steps=10)
     _wait_for_step(slurm_cluster, job, run_dir, 3)
@@ -69,8 +75,9 @@ def test_pretrain_job_is_requeued_and_resumes(slurm_cluster, tmp_path):
     assert "SIGTERM received" in output
 
 
-def test_scancel_signal_checkpoints_exits_99_and_the_script_requeues_on_a_free_port(slurm_cluster, tmp_path):
-    shards = build_sample_shards(tmp_path / "shards")
+def test_scancel_signal_checkpoints_exits_99_and_the_script_requeues_on_a_free_port(slurm_cluster, sample_shards,
+                                                                                      tmp_path):
+    shards = sample_shards
     run_dir = tmp_path / "run"
     job = _submit(slurm_cluster, run_dir, shards, slurm_cluster.log_dir / "pretrain-%j.out", "--hold", steps=6)
     # Another job already listens on the port this job's id maps to: the template must pick another one.

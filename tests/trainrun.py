@@ -17,6 +17,18 @@ VENV_BIN = Path(sys.executable).parent
 # Small and fast, still the real trainer: ResNet-18 at 32 px, 2 processes x 8 pairs.
 FAST = ["augment.size=32", "model.head_hidden=64", "model.out_dim=32", "train.global_batch=16",
         "data.workers=0", "train.log_every=1"]
+# The shared reference run (conftest `reference`): 8 steps of LARS, 5 of warmup (each step's learning rate
+# independent of the run's length, so a 5-step run is its first 5 steps exactly) then 3 of cosine decay;
+# 4 steps per epoch (51 training bags, 2 ranks x 8), so it crosses an epoch and trains on two padded last
+# batches. Checkpoints at steps 2, 4, 6, 8 (keep_checkpoints=2 leaves 6 and 8). Neither the checkpoint
+# cadence nor data.workers changes the weights (RunConfig.content_hash leaves them out).
+REFERENCE = ["train.steps=8", "train.checkpoint_every=2"]
+# Its first 5 steps as a run of their own (conftest `pretrain_run("torchrun", *FIVE_STEPS)`): test_train.py
+# compares its losses with the reference's, test_train_resume.py extends a copy of it to the 8 steps.
+FIVE_STEPS = ["train.steps=5", "train.checkpoint_every=2"]
+# AdamW for the ZeRO stages (LARS is refused with ZeRO > 0); conftest `pretrain_run` shares each stage's run.
+ADAMW = ["train.steps=3", "train.checkpoint_every=3", "optim.name=adamw", "optim.base_lr=0.001",
+         "optim.warmup_steps=1"]
 
 
 def free_port() -> int:
