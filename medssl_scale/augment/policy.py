@@ -83,7 +83,7 @@ def preset(name: str, size: int = 224, strength: float = 1.0) -> AugmentPolicy:
     return AugmentPolicy(size=size, views=(view, view))
 
 
-def _checked_view(cfg: dict, base: ViewPolicy, where: str) -> ViewPolicy:
+def checked_view(cfg: dict, base: ViewPolicy, where: str) -> ViewPolicy:
     names = {f.name for f in fields(ViewPolicy)}
     unknown = sorted(set(cfg) - names)
     if unknown:
@@ -127,11 +127,11 @@ def policy_from_config(cfg: dict) -> AugmentPolicy:
     policy = preset(cfg.get("preset", "simclr"), size=size, strength=float(cfg.get("strength", 1.0)))
     views = list(policy.views)
     if "view" in cfg:
-        views = [_checked_view(cfg["view"], v, "augment.view") for v in views]
+        views = [checked_view(cfg["view"], v, "augment.view") for v in views]
     if "views" in cfg:
         if len(cfg["views"]) != 2:
             raise PolicyError("augment.views must list exactly two views")
-        views = [_checked_view(c, v, f"augment.views[{i}]") for i, (c, v) in enumerate(zip(cfg["views"], views))]
+        views = [checked_view(c, v, f"augment.views[{i}]") for i, (c, v) in enumerate(zip(cfg["views"], views))]
     dtype = cfg.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):
         raise PolicyError("augment.dtype must be float32 or bfloat16")

@@ -28,7 +28,7 @@ def patient_index(patient_id: str) -> int:
     return int.from_bytes(hashlib.sha256(patient_id.encode()).digest()[:8], "big") >> 1
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A 64-bit seed from integers (seed, epoch, sample ...), independent of rank and worker layout."""
     return int.from_bytes(hashlib.blake2b(np.array(parts, dtype=np.int64).tobytes(), digest_size=8).digest(), "big")
 
@@ -82,7 +82,7 @@ class ShardPairSource:
         samples = [self.shardset.samples[i] for i in numbers]
         picks, ranges = [], []
         for number, sample in zip(numbers, samples):
-            rng = np.random.default_rng(_mix(self.seed, epoch, int(number), 1))
+            rng = np.random.default_rng(mix_seed(self.seed, epoch, int(number), 1))
             a, b = choose_images(len(sample.images), self.mode, rng)
             picks.append((a, b))
             # json, then the two images (one when they coincide): three small reads at most per pair.
@@ -100,7 +100,7 @@ class ShardPairSource:
             patients.append(patient_index(meta["patient_id"]))
             names.append(meta["patient_id"])
             keys.append((self._key(sample, a), self._key(sample, b)))
-            seeds.append(_mix(self.seed, epoch, int(number), 2))
+            seeds.append(mix_seed(self.seed, epoch, int(number), 2))
         pad = padding_like(self.batch_size - len(samples))
         return RawPairBatch(
             epoch=epoch, step=step, first=first + pad["first"], second=second + pad["second"],

@@ -22,7 +22,7 @@ from ..augment.torchvision_backend import apply_view, decode_rgb, normalize
 from ..augment.torchvision_loader import signal_safe_batches
 from ..data.batch import CorruptImage
 from ..data.fetch import RangeFetcher
-from ..data.reader import _mix
+from ..data.reader import mix_seed
 from ..data.shardset import ShardSet
 
 
@@ -109,7 +109,7 @@ class LabelledImages(torch.utils.data.Dataset):
         if self.view is None:
             x = self.pre(img)
         else:
-            rng = random.Random(_mix(self.seed, self.epoch, max(pos, 0), 3))
+            rng = random.Random(mix_seed(self.seed, self.epoch, max(pos, 0), 3))
             p = draw_view(img.shape[-2], img.shape[-1], self.view, rng)
             x = normalize(apply_view(img, p, self.view, self.pre.size), self.pre.mean, self.pre.std)
         return x, max(pos, 0), valid

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
-from ..augment.policy import PolicyError, _checked_view
+from ..augment.policy import PolicyError, checked_view
 from ..config import ConfigError
 from ..evaluate.metrics import metric_arrays
 from ..optim import LARS, lars_param_groups
@@ -67,7 +67,7 @@ def finetune_view(cfg: EvalConfig):
         raise ConfigError("finetune.augment.preset: only 'finetune' (crop + flip) exists; override its keys "
                           "(crop_scale, flip_p, rotate_deg, brightness, ...) under finetune.augment")
     try:
-        return _checked_view(aug, FINETUNE_VIEW, "finetune.augment")
+        return checked_view(aug, FINETUNE_VIEW, "finetune.augment")
     except PolicyError as e:
         raise ConfigError(str(e)) from None
 
