@@ -75,8 +75,49 @@ class TrainConfig:
     checkpoint_every: int = 1000
     checkpoint_dir: str | None = None    # default: <run_dir>/checkpoints
     keep_checkpoints: int = 2
-    tensorboard: bool = False
+    tensorboard: bool = False            # also write the metrics as TensorBoard events (<run_dir>/tensorboard)
+    collapse_warning: float = 0.2        # warn when embed_std < this x 1/sqrt(model.out_dim); 0: never
     extend: bool = False                 # resume a run whose checkpoints were made for fewer (or more) steps
+
+
+@dataclass
+class TaskConfig:
+    type: str = "multiclass"             # multiclass (softmax) | multilabel (sigmoid per label)
+    column: str = "class"                # multiclass: the shards' label column
+    columns: list[str] = field(default_factory=list)  # multilabel: one column per label
+    preset: str | None = None            # chexpert: its five conditions as columns, uncertain -1
+    mapping: dict = field(default_factory=dict)  # multiclass: value -> new class name, or null to drop
+    uncertain: str = "ignore"            # multilabel: ignore (masked) | zeros | ones
+    positive: list[str] = field(default_factory=lambda: ["1", "1.0", "true", "yes", "positive"])
+    negative: list[str] = field(default_factory=lambda: ["0", "0.0", "false", "no", "negative"])
+    uncertain_values: list[str] = field(default_factory=lambda: ["-1", "-1.0", "uncertain"])
+
+
+@dataclass
+class PreprocessConfig:
+    size: int | None = None              # null: the encoder's pretraining size (monitor: augment.size)
+    crop_fraction: float = 0.875         # resize the short side to size / crop_fraction, then center crop
+    mean: list[float] | None = None      # null: the encoder's normalization (monitor: the run's)
+    std: list[float] | None = None
+
+
+@dataclass
+class MonitorConfig:
+    """A learning signal during pretraining: the current encoder's kNN (and linear probe) on labelled shards."""
+
+    shards: str | None = None            # a labelled medssl-shard build (local path or fsspec URL); null: off
+    train_split: str = "train"           # the kNN bank (and the probe's training images)
+    eval_split: str = "val"              # the images scored
+    task: TaskConfig = field(default_factory=TaskConfig)  # label column(s), as in the evaluation job
+    every: int = 1000                    # steps between measurements; also at step 0 and at the end; 0: only those
+    max_images: int = 2000               # per split, a fixed seeded draw: bounds memory and time
+    batch_size: int = 128                # images per forward pass, per process
+    workers: int = 1                     # DataLoader processes decoding monitor images
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    k: int = 20                          # kNN neighbours (DINO's default)
+    temperature: float = 0.07            # kNN vote temperature (DINO's default)
+    linear: bool = False                 # also an L-BFGS linear probe (fit on train, scored on eval)
+    linear_l2: float = 1.0e-4            # its L2 strength (fixed: the monitor selects nothing on its eval split)
 
 
 @dataclass
@@ -89,6 +130,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,8 +146,9 @@ class RunConfig:
         """
         d = self.as_dict()
         d.pop("run_dir")
+        d.pop("monitor")  # measures the encoder, never changes it
         for key in ("checkpoint_dir", "log_every", "tensorboard", "steps", "epochs", "extend", "checkpoint_every",
-                    "keep_checkpoints"):
+                    "keep_checkpoints", "collapse_warning"):
             d["train"].pop(key, None)
         for key in ("shards", "workers", "backend"):
             d["data"].pop(key)
@@ -118,6 +161,8 @@ _CHOICES = {
     "data.on_corrupt": ("skip", "error"), "optim.name": ("lars", "sgd", "adamw"),
     "optim.lr_scaling": ("linear", "sqrt", "none"), "train.precision": ("fp32", "bf16", "fp16"),
     "train.zero_stage": (0, 1, 2, 3), "model.depth": (18, 34, 50, 101, 152),
+    "monitor.task.type": ("multiclass", "multilabel"), "monitor.task.preset": (None, "chexpert"),
+    "monitor.task.uncertain": ("ignore", "zeros", "ones"),
 }
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..config import ConfigError, build_config, load_tree
+from ..config import ConfigError, PreprocessConfig, TaskConfig, build_config, load_tree  # sections shared with the monitor
 
 PROTOCOLS = ("linear", "knn", "finetune")
 
@@ -24,27 +24,6 @@ class EvalDataConfig:
     batch_size: int = 256                # images per forward pass, per process (extraction and evaluation)
     workers: int = 2                     # DataLoader processes decoding images
     on_corrupt: str = "skip"             # skip: left out of features/metrics, masked from the loss | error
-
-
-@dataclass
-class TaskConfig:
-    type: str = "multiclass"             # multiclass (softmax) | multilabel (sigmoid per label)
-    column: str = "class"                # multiclass: the shards' label column
-    columns: list[str] = field(default_factory=list)  # multilabel: one column per label
-    preset: str | None = None            # chexpert: its five conditions as columns, uncertain -1
-    mapping: dict = field(default_factory=dict)  # multiclass: value -> new class name, or null to drop
-    uncertain: str = "ignore"            # multilabel: ignore (masked) | zeros | ones
-    positive: list[str] = field(default_factory=lambda: ["1", "1.0", "true", "yes", "positive"])
-    negative: list[str] = field(default_factory=lambda: ["0", "0.0", "false", "no", "negative"])
-    uncertain_values: list[str] = field(default_factory=lambda: ["-1", "-1.0", "uncertain"])
-
-
-@dataclass
-class PreprocessConfig:
-    size: int | None = None              # null: the encoder's pretraining size (arch.input_size), else 224
-    crop_fraction: float = 0.875         # resize the short side to size / crop_fraction, then center crop
-    mean: list[float] | None = None      # null: the encoder's normalization, else ImageNet's
-    std: list[float] | None = None
 
 
 @dataclass

@@ -67,7 +67,8 @@ def manifest_labels(url: str) -> dict:
         raise ConfigError(f"data.shards={url}: manifest.json is not valid JSON ({e})") from None
 
 
-def _labelled(role: str, shardset: ShardSet, spec: LabelSpec) -> ImageSet:
+def labelled_set(role: str, shardset: ShardSet, spec: LabelSpec) -> ImageSet:
+    """Every image of the split with a usable label (the others counted as unlabelled)."""
     records = read_records(shardset)
     keep, targets = [], []
     for i, rec in enumerate(records):
@@ -100,15 +101,15 @@ def build_sets(cfg: EvalConfig, classes: list[str] | None = None, test_only: boo
                                       f"disjoint splits (data.val_split=null carves validation from train)")
     test_ss = open_split(d.shards, d.test_split, "data.test_split")
     spec = label_spec(cfg.task, labels, d.shards, classes)
-    test = _labelled("test", test_ss, spec)
+    test = labelled_set("test", test_ss, spec)
     if test_only:
         return JobSets(spec, None, None, test)
     train_ss = open_split(d.shards, d.train_split, "data.train_split")
-    train = _labelled("train", train_ss, spec)
+    train = labelled_set("train", train_ss, spec)
     info: dict = {}
     try:
         if d.val_split:
-            val = _labelled("val", open_split(d.shards, d.val_split, "data.val_split"), spec)
+            val = labelled_set("val", open_split(d.shards, d.val_split, "data.val_split"), spec)
         else:
             vs = split_validation(train.patient_ids, train.labels, val_fraction=d.val_fraction, seed=cfg.seed,
                                   names=spec.names)
