@@ -40,6 +40,14 @@ def sample_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def monitor_shards(tmp_path_factory):
+    """A labelled build of the sample (view, 70/30 patient split) for the kNN monitor; read only."""
+    from trainrun import build_monitor_shards
+
+    return build_monitor_shards(tmp_path_factory.mktemp("monitor-shards") / "shards")
+
+
+@pytest.fixture(scope="session")
 def pretrain_run(sample_shards, tmp_path_factory):
     """pretrain_run(launcher, *overrides) -> the run_dir of a finished run on `sample_shards` (trainrun.run
     with these arguments, exit status 0), made on first request and reused by every later one."""

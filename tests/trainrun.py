@@ -16,7 +16,10 @@ from shardtools import REPO, run_cli
 VENV_BIN = Path(sys.executable).parent
 # Small and fast, still the real trainer: ResNet-18 at 32 px, 2 processes x 8 pairs.
 FAST = ["augment.size=32", "model.head_hidden=64", "model.out_dim=32", "train.global_batch=16",
-        "data.workers=0", "train.log_every=1"]
+        "data.workers=0", "train.log_every=1", "monitor.shards=null"]
+# The debug config's monitor, on a labelled build of the sample of its own (conftest `monitor_shards`):
+# test_monitor.py turns it on with MONITOR + [f"monitor.shards={monitor_shards}"].
+MONITOR = ["monitor.every=3", "monitor.workers=1"]
 # The shared reference run (conftest `reference`): 8 steps of LARS, 5 of warmup (each step's learning rate
 # independent of the run's length, so a 5-step run is its first 5 steps exactly) then 3 of cosine decay;
 # 4 steps per epoch (51 training bags, 2 ranks x 8), so it crosses an epoch and trains on two padded last
@@ -41,6 +44,14 @@ def build_sample_shards(out: Path) -> Path:
     sample = REPO / "data" / "sample_cxr"
     run_cli("build", sample, out, "--manifest", sample / "metadata.csv", "--patient-col", "patient_id",
             "--max-side", "64", "--quiet")
+    return out
+
+
+def build_monitor_shards(out: Path) -> Path:
+    """The sample again, labelled by view and split 70/30 by patient: the monitor's bank and scored images."""
+    sample = REPO / "data" / "sample_cxr"
+    run_cli("build", sample, out, "--manifest", sample / "metadata.csv", "--patient-col", "patient_id",
+            "--label-cols", "finding,view", "--splits", "train=0.7,val=0.3", "--max-side", "64", "--quiet")
     return out
 
 
@@ -73,7 +84,8 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if r]
+    # Records without a loss are the step-0 monitor measurement (test_monitor.py).
+    return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if r and "loss" in r]
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -49,3 +49,26 @@ def collapse_stats(z1: torch.Tensor, z2: torch.Tensor, valid: torch.Tensor | Non
     neg = (neg_sum - pos.sum()) / (n * (n - 1))
     return {"embed_std": float(std), "align": float(align), "uniform": float(uniform), "pos_cos": float(pos.mean()),
             "neg_cos": float(neg)}
+
+
+class SpreadWatch:
+    """A warning the first time embed_std falls under `fraction` x 1/sqrt(D), and again only after it recovered.
+
+    A collapsing encoder can still lower the contrastive loss; this is the cheapest sign of it.
+    """
+
+    def __init__(self, fraction: float, dim: int):
+        self.threshold = fraction / math.sqrt(dim) if fraction > 0 else 0.0
+        self.dim, self.below = dim, False
+
+    def check(self, step: int, embed_std: float) -> str | None:
+        if not self.threshold or math.isnan(embed_std):
+            return None
+        low = embed_std < self.threshold
+        message = None
+        if low and not self.below:
+            message = (f"step {step}: embed_std {embed_std:.4g} is under {self.threshold:.4g} (1/sqrt({self.dim}) = "
+                       f"{1 / math.sqrt(self.dim):.4g} for a spread representation): the embeddings are collapsing; "
+                       f"check the learning rate, temperature and augmentations (train.collapse_warning sets this)")
+        self.below = low
+        return message

@@ -20,6 +20,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, resume_step: int, tensorboard: bool = False):
         self.enabled, self.path = enabled, run_dir / "metrics.jsonl"
         self._progress = self._tb = None
+        self._last_monitor = ""
         if not enabled:
             return
         if self.path.exists():
@@ -38,10 +39,16 @@ class MetricsLog:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def step(self, record: dict, write: bool) -> None:
+        """Show `record` (a step's, or the step-0 monitor's) and, with `write`, append it (and to TensorBoard)."""
         if not self.enabled:
             return
-        info = (f"loss {record['loss']:.4f}  acc {record['accuracy']:.3f}  lr {record['lr']:.3g}  "
-                f"{record['pairs_per_s']:,.0f} pairs/s")
+        if "knn_top1" in record or "knn_auc" in record:
+            self._last_monitor = _monitor_info(record)
+        info = self._last_monitor
+        if "loss" in record:
+            info = (f"loss {record['loss']:.4f}  acc {record['accuracy']:.3f}  lr {record['lr']:.3g}  "
+                    f"{record['pairs_per_s']:,.0f} pairs/s" + (f"  std {record['embed_std']:.3f}" if "embed_std" in record
+                                                              else "") + (f"  {info}" if info else ""))
         self._progress.update(self._task, completed=record["step"], info=info)
         if write:
             with open(self.path, "a") as f:
@@ -49,7 +56,7 @@ class MetricsLog:
             log.info("step %d  %s", record["step"], info)
             if self._tb is not None:
                 for k, v in record.items():
-                    if k != "step":
+                    if k != "step" and isinstance(v, (int, float)):
                         self._tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
@@ -57,6 +64,11 @@ class MetricsLog:
             self._progress.stop()
         if self._tb is not None:
             self._tb.close()
+
+
+def _monitor_info(record: dict) -> str:
+    shown = [(k, record.get(k)) for k in ("knn_top1", "knn_auc", "linear_top1", "linear_auc")]
+    return "  ".join(f"{k} {v:.3f}" for k, v in shown if v is not None)
 
 
 class StepTimer:

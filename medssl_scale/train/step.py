@@ -24,12 +24,14 @@ import torch
 from ..config import RunConfig
 from ..data.batch import PairBatch
 from ..distributed.batchnorm import set_batch_mask
+from ..distributed.gather import gather_nograd
 from ..distributed.sync import any_rank
 from ..losses.ntxent import NTXentOutput, nt_xent
 from ..models.bn_stats import frozen_running_stats
+from .collapse import collapse_stats
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
+def autocast_for(cfg: RunConfig, device: torch.device):
     # bf16 is autocast over fp32 weights: LARS and the optimizer states stay exact, matmuls run in bf16.
     if cfg.train.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -45,6 +47,7 @@ class ContrastiveStep:
 
     def __init__(self, engine, cfg: RunConfig, device: torch.device):
         self.engine, self.cfg, self.device = engine, cfg, device
+        self._want_stats, self.collapse = False, None
 
     def _bn_mask(self, batch: PairBatch) -> torch.Tensor | None:
         """Rows of [view1; view2] that count in BN statistics, or None when every rank's batch is full.
@@ -64,7 +67,7 @@ class ContrastiveStep:
         if self.cfg.train.precision == "fp16":
             x = x.half()
         set_batch_mask(self.engine.module, mask)
-        with _autocast(self.cfg, self.device):
+        with autocast_for(self.cfg, self.device):
             _, embeddings = self.engine(x)
         return embeddings if embeddings.dtype == torch.float64 else embeddings.float()
 
@@ -74,10 +77,14 @@ class ContrastiveStep:
         patient = torch.cat([b.patient.to(self.device) for b in batches])
         valid = torch.cat([b.valid.to(self.device) for b in batches])
         loss = self.cfg.loss
+        if self._want_stats:  # the step's own embeddings, so the statistics cost no forward
+            self.collapse = collapse_stats(gather_nograd(z1.detach()), gather_nograd(z2.detach()), gather_nograd(valid))
         return nt_xent(z1, z2, loss.temperature, patient=patient, valid=valid,
                        exclude_same_patient=loss.exclude_same_patient, chunk_size=loss.chunk_size)
 
-    def __call__(self, batches: list[PairBatch]) -> tuple[float, float]:
+    def __call__(self, batches: list[PairBatch], stats: bool = False) -> tuple[float, float]:
+        """One optimizer step; with `stats`, self.collapse holds the global batch's collapse statistics."""
+        self._want_stats, self.collapse = stats, None
         masks = [self._bn_mask(b) for b in batches]
         if len(batches) == 1:
             out = self._loss([self._embed(batches[0], masks[0])], batches)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,13 @@ from ..distributed.sync import barrier
 from ..optim import lr_at
 from .builders import build_model, build_optimizer, peak_lr
 from .checkpoint import Checkpoints
+from .collapse import SpreadWatch
 from .metrics import MetricsLog, StepTimer
+from .monitor import check_monitor_config, open_monitor
 from .plan import batch_plan, check_combination, deepspeed_config
 from .preempt import Preemption
 from .rundir import check_run_dir
-from .step import ContrastiveStep
+from .step import ContrastiveStep, autocast_for
 from .storage import encoder_arch
 
 log = logging.getLogger("medssl.train")
@@ -48,6 +51,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         # 1. Everything that can be checked without processes or data, first.
         check_combination(cfg)
+        check_monitor_config(cfg)
         self.plan = batch_plan(cfg, resolve().world_size)
         try:
             self.policy = policy_from_config(cfg.augment)
@@ -69,6 +73,8 @@ class Trainer:
         self.loader = make_pair_loader(cfg.data.shards, cfg.data.split, self.plan.micro_batch, self.policy,
                                        mode=cfg.data.mode, backend=cfg.data.backend, dist=self.dist,
                                        seed=cfg.seed, workers=cfg.data.workers, on_corrupt=cfg.data.on_corrupt)
+        # The monitor's shards are opened (and their labels checked) before any model is built.
+        self.monitor = open_monitor(cfg, self.policy, self.device, lambda: autocast_for(cfg, self.device))
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -103,6 +109,8 @@ class Trainer:
         if self.step > self.total_steps:
             raise ConfigError(f"train.steps={self.total_steps} is below the {self.step} steps already done in "
                               f"{self.checkpoints.url}")
+        if self.monitor is not None and self.dist.is_main:
+            log.info("%s", self.monitor.describe())
         if client and self.dist.is_main:
             log.info("resumed from step %d (data epoch %d, batch %d)", self.step, client["data"]["epoch"],
                      client["data"]["step"])
@@ -125,23 +133,39 @@ class Trainer:
         return self.checkpoints.save(self.engine, self.step, {"step": self.step, "data": self.loader.state_dict(),
                                                               "total_steps": self.total_steps})
 
+    def _measure(self, started: float) -> dict:
+        return self.monitor.measure(self.engine.module, time.perf_counter() - started)
+
     def train(self) -> dict:
         t, main = self.cfg.train, self.dist.is_main
         metrics = MetricsLog(self.run_dir, main, self.total_steps, self.step, t.tensorboard)
         preemption = Preemption()
+        spread = SpreadWatch(t.collapse_warning, self.cfg.model.out_dim)
+        started = time.perf_counter()
+        if self.monitor is not None and self.step == 0:  # the random-init value the run has to beat
+            metrics.step({"step": 0, **self._measure(started)}, write=True)
         batches, timer, last_saved = self._micro_batches(), StepTimer(), None
         try:
             while self.step < self.total_steps:
                 lr = self._set_lr()
-                loss, acc = self.contrastive_step([next(batches) for _ in range(self.plan.grad_accum)])
+                write = (self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps
+                loss, acc = self.contrastive_step([next(batches) for _ in range(self.plan.grad_accum)], stats=write)
                 if not math.isfinite(loss):
                     raise TrainingError(f"non-finite loss ({loss}) at step {self.step + 1}: stopping; the last "
                                         f"good checkpoint ({last_saved or 'none yet'}) is left untouched")
                 self.step += 1
-                dt = timer.lap()
-                metrics.step({"step": self.step, "loss": loss, "accuracy": acc, "lr": lr,
-                              "pairs_per_s": self.plan.global_batch / dt},
-                             write=self.step % t.log_every == 0 or self.step == self.total_steps)
+                record = {"step": self.step, "loss": loss, "accuracy": acc, "lr": lr,
+                          "pairs_per_s": self.plan.global_batch / timer.lap(), **(self.contrastive_step.collapse or {})}
+                if write and main:
+                    warning = spread.check(self.step, record["embed_std"])
+                    if warning:
+                        log.warning("%s", warning)
+                # Measured after the step, before its checkpoint: a resumed run never redoes or skips a measurement.
+                if self.monitor is not None and self.monitor.due(self.step, self.total_steps):
+                    record.update(self._measure(started))
+                    timer.lap()  # the monitor's time is not the next step's
+                    write = True
+                metrics.step(record, write=write)
                 stop = preemption.agreed(self.device)
                 if stop or self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
                     last_saved = self._save()
