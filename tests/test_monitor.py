@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from shardtools import REPO
-from trainrun import (FAST, MONITOR, REFERENCE, VENV_BIN, env, free_port, losses, run, signal_group, start_logged,
+from trainrun import (ADAMW, FAST, MONITOR, REFERENCE, VENV_BIN, env, free_port, losses, run, signal_group, start_logged,
                       wait_for_step)
 
 KNN_KEYS = ("knn_top1", "knn_bal_acc", "knn_auc")
@@ -174,6 +174,19 @@ def test_knn_at_step_0_every_3_steps_and_the_end_with_collapse_stats_each_logged
         if "monitor_s" in r:
             assert r["monitor_s"] > 0 and 0 < r["monitor_share"] <= 1
             assert all(0 <= r[k] <= 1 for k in KNN_KEYS)
+
+
+def test_under_zero_3_the_monitor_sees_the_whole_model_and_leaves_training_alone(pretrain_run, monitored,
+                                                                               monitor_shards):
+    """ZeRO-3 partitions every parameter over the ranks: the monitor's forward must gather them (it calls the
+    whole model, whose hooks do) and must not disturb the partitioned optimizer's trajectory."""
+    plain = pretrain_run("deepspeed", *ADAMW, "train.zero_stage=3")  # shared with test_train.py's ZeRO tests
+    run_dir = pretrain_run("deepspeed", *ADAMW, "train.zero_stage=3", *MONITOR, f"monitor.shards={monitor_shards}")
+    assert losses(run_dir) == losses(plain)
+    records = _records(run_dir)
+    assert [r["step"] for r in records if "knn_top1" in r] == [0, 3]
+    for key in KNN_KEYS:  # the same random init as the ZeRO-0 run: the same step-0 measurement
+        assert records[0][key] == pytest.approx(_records(monitored)[0][key], abs=1e-12)
 
 
 def test_tensorboard_events_hold_the_scalars_of_metrics_jsonl(monitored):
