@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the chest x-ray sample that ships in data/sample_cxr:
-#   1. shard it by patient (medssl-shard build, verify, inspect),
+#   1. shard it by patient (medssl-shard build, verify, inspect): 70% of the patients for pretraining, 30%
+#      held out as `val`, the labelled images the kNN monitor scores (by view),
 #   2. MICLe-pretrain a small ResNet on it with the debug config through the real deepspeed launcher
 #      (2 CPU processes with gloo where there is no GPU), writing runs/demo/metrics.jsonl,
 #   3. export runs/demo/encoder.pt and print a summary of what ran and what it measured.
@@ -12,7 +13,7 @@ RUN=runs/demo
 rm -rf "$OUT" "$RUN"  # a fresh demo each time; reruns of the same folders would resume instead
 .venv/bin/medssl-shard build data/sample_cxr "$OUT" \
   --manifest data/sample_cxr/metadata.csv --image-col path --patient-col patient_id \
-  --label-cols finding --max-side 256 --shard-size 1MB
+  --label-cols finding,view --splits train=0.7,val=0.3 --max-side 256 --shard-size 1MB
 .venv/bin/medssl-shard verify "$OUT"
 .venv/bin/medssl-shard inspect "$OUT"
 
@@ -41,3 +42,5 @@ if [ "$status" -ne 0 ]; then
 fi
 .venv/bin/python -c "import torch; e = torch.load('$RUN/encoder.pt', weights_only=True); sd, a = e['state_dict'], e['arch']; \
 print(f'encoder.pt: ResNet-{a[\"depth\"]} width {a[\"width\"]}, {len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} values, loads with weights_only=True')"
+# Loss, learning rate, throughput, the kNN monitor and the collapse statistics over steps, as one picture.
+.venv/bin/medssl-plot "$RUN"
