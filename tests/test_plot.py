@@ -110,7 +110,8 @@ def test_several_runs_side_by_side(tmp_path, capsys):
     fig = build_figure([load_metrics(str(d)) for d in (a, b)], ["a/seed0", "b/seed0"], [128, 256])
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a/seed0", "b/seed0"]
     loss = next(ax for ax in fig.axes if ax.get_title() == "NT-Xent loss")
-    assert len(loss.lines) == 2 and loss.lines[0].get_color() != loss.lines[1].get_color()
+    # each run: its raw losses (faint) and their running mean, in the run's colour
+    assert len(loss.lines) == 4 and loss.lines[0].get_color() == loss.lines[1].get_color() != loss.lines[2].get_color()
     embed = next(ax for ax in fig.axes if ax.get_title() == "embed_std")
     assert {round(line.get_ydata()[0], 4) for line in embed.lines} >= {round(1 / math.sqrt(d), 4) for d in (128, 256)}
 
@@ -156,3 +157,10 @@ def test_nothing_to_plot_is_an_error_too(tmp_path, capsys, records):
     run = write_run(tmp_path / "r", records)
     assert main([str(run)]) == 2
     assert "no plottable values" in capsys.readouterr().err
+
+
+def test_running_mean_is_the_centred_window_mean():
+    from medssl_scale.train.plot import running_mean
+
+    # window 3: each value's neighbours on both sides; at the ends only those that exist
+    assert running_mean([1.0, 2.0, 6.0, 3.0], 3) == [1.5, 3.0, 11 / 3, 4.5]

@@ -66,6 +66,16 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+SMOOTHED = ("loss", "accuracy", "pos_cos", "neg_cos", "align", "uniform", "pairs_per_s")
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value's centred window (shorter at the ends), as many values as given."""
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
+
+
 def panels_with_data(records: list[dict]) -> list[str]:
     """Names of the PANELS that have at least one point in `records` (all runs' records together)."""
     return [name for name, _, keys in PANELS if any(series(records, k)[0] for k in keys)]
@@ -107,7 +117,13 @@ def build_figure(runs: list[list[dict]], labels: list[str], dims: list[int | Non
         for i, records in enumerate(runs):
             for k in present:
                 ls, marker = STYLES.get(k, ("-", None))
-                ax.plot(*series(records, k), color=f"C{i % 10}", ls=ls, marker=marker, ms=3, lw=1.3)
+                steps, values = series(records, k)
+                if k in SMOOTHED and len(values) >= 10:
+                    # Per-step losses swing with each batch's fill (an epoch's padded last batch has fewer
+                    # keys, so a lower loss): the raw points faint, a centred running mean over them bold.
+                    ax.plot(steps, values, color=f"C{i % 10}", lw=0.8, alpha=0.3)
+                    steps, values = steps, running_mean(values, max(3, len(values) // 10))
+                ax.plot(steps, values, color=f"C{i % 10}", ls=ls, marker=marker, ms=3, lw=1.3)
         handles = [Line2D([], [], color="0.3", ls=STYLES.get(k, ("-", None))[0], ms=3,
                           marker=STYLES.get(k, ("-", None))[1], label=k) for k in present]
         if name == "embed_std":
