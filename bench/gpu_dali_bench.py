@@ -3,7 +3,13 @@
     python bench/gpu_dali_bench.py --device 0                      # the H200 checks (bench/gpu_check.sh)
     python bench/gpu_dali_bench.py --device cpu --size 64 --batch 16 --images 64 --steps 3   # dry run
 
-Checks: "throughput" (pairs/s of the simclr policy on synthetic JPEGs, after warm-up; goal 10,000 at 224 px,
+Checks, in this order: "decode_mode" (first, unless --decode-once on|off is given: one SimCLR step and one
+MICLe-like step (half the pairs two different images, so both sides of the `if same:` in the pipeline hold
+samples) through the loader with decode_once=True, i.e. the decoder inside a DALI conditional (on the GPU
+the mixed nvJPEG decoder, never verified there before), against decode_once=False (no decoder inside a
+conditional) on the same draws. decode_once=True is chosen only if it runs and matches; the choice is the
+line's "decode_once" and every later check (and bench/gpu_train_bench.py, through bench/gpu_check.sh)
+uses it), "throughput" (pairs/s of the simclr policy on synthetic JPEGs, after warm-up; goal 10,000 at 224 px,
 batch 256 on a GPU), "bf16" (dtype, device, finite values, zeroed padding), "corrupt" (padding, a truncated
 JPEG, a zero-sized frame (found by the header read) and one only the decoder rejects (a bogus Huffman table
 index): valid flags, zeros, count, recovery by probing with the same decoder), "semantics" (full-crop + flip
@@ -29,12 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from medssl_scale.augment.dali_backend import DaliPairLoader  # noqa: E402
 from medssl_scale.augment.policy import AugmentPolicy, ViewPolicy, preset  # noqa: E402
 from medssl_scale.data.batch import RawPairBatch  # noqa: E402
 
 PLAIN = ViewPolicy(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
                    blur_p=0.0)
+
+
+def DaliPairLoader(*args, **kwargs):  # noqa: N802 - DALI imported on first use: bench/gpu_eval_bench.py
+    from medssl_scale.augment.dali_backend import DaliPairLoader as loader  # reuses this file without it
+    return loader(*args, **kwargs)
 
 
 def emit(**fields) -> None:
@@ -110,14 +120,69 @@ def sync(device_id) -> None:
         torch.cuda.synchronize(device_id)
 
 
+def _views(loader) -> tuple[list[torch.Tensor], list[list[bool]]]:
+    """Every step's two views (CPU float, 0-255 levels) and valid flags."""
+    mean = torch.tensor(AugmentPolicy().mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(AugmentPolicy().std).view(1, 3, 1, 1) * 255
+    loader.set_epoch(0)
+    views, valid = [], []
+    for batch in loader:
+        views.append(torch.cat([batch.view1, batch.view2]).float().cpu() * std + mean)
+        valid.append(batch.valid.tolist())
+    return views, valid
+
+
+def check_decode_mode(args, device_id, images) -> None:
+    """Choose decode_once for every later check: True only if the decoder inside the conditional runs and
+    gives what two unconditional decoders give (same draws: only the decode path differs)."""
+    b = min(args.batch, 32)
+    imgs = images[:b]
+    simclr = RawPairBatch(epoch=0, step=0, first=list(imgs), second=list(imgs),
+                          patient=np.arange(b, dtype=np.int64), valid=np.ones(b, bool),
+                          keys=[(f"mode#0_{i}.jpg",) * 2 for i in range(b)],
+                          seeds=np.arange(b, dtype=np.uint64))
+    # MICLe-like: even entries pair two different images of a "patient", odd ones the same image twice;
+    # the last entry is padding.
+    second = [imgs[(i + 1) % b] if i % 2 == 0 else imgs[i] for i in range(b)]
+    valid = np.ones(b, bool)
+    valid[-1] = False
+    micle = RawPairBatch(epoch=0, step=1, first=list(imgs[:-1]) + [b""], second=second[:-1] + [b""],
+                         patient=np.where(valid, np.arange(b), -1).astype(np.int64), valid=valid,
+                         keys=[(f"mode#1_{i}a.jpg", f"mode#1_{i}b.jpg") if valid[i] else ("", "")
+                               for i in range(b)],
+                         seeds=np.arange(b, 2 * b, dtype=np.uint64))
+    policy = preset("simclr", size=args.size)
+    source = FixedSource([simclr, micle])
+
+    def run(decode_once: bool):
+        return _views(DaliPairLoader(source, policy, device_id=device_id, num_threads=args.threads[-1],
+                                     decode_once=decode_once))
+
+    ref, ref_valid = run(False)
+    fields = {"device": describe(device_id), "batch": b, "steps": 2}
+    try:
+        got, got_valid = run(True)
+    except Exception as e:  # noqa: BLE001 - e.g. the mixed decoder refused inside a conditional
+        args.decode_once = False
+        emit(check="decode_mode", ok=True, decode_once=False, decode_once_ran=False,
+             reason="decode_once=True raised", error=f"{type(e).__name__}: {str(e)[:1500]}", **fields)
+        return
+    # numpy's percentile: torch.quantile refuses inputs over 2**24 elements (2 steps x 64 views at 224 px)
+    diff = torch.cat([(g - r).abs().flatten() for g, r in zip(got, ref)]).numpy()
+    mean, p99, top = float(diff.mean()), float(np.percentile(diff, 99)), float(diff.max())
+    # nvJPEG may send a batch's images to the hardware or the CUDA decoder by batch size, and the conditional
+    # splits the batch: allow the last-bit differences of two JPEG decoders, no more.
+    same = got_valid == ref_valid and mean <= 0.5 and p99 <= 4.0
+    args.decode_once = bool(same)
+    emit(check="decode_mode", ok=True, decode_once=args.decode_once, decode_once_ran=True,
+         matches_two_decoders=bool(same), valid_equal=got_valid == ref_valid,
+         levels_vs_two_decoders={"mean": round(mean, 4), "p99": round(p99, 2), "max": round(top, 1)},
+         reason=None if same else "decode_once=True differs from decoding twice", **fields)
+
+
 def check_throughput(args, device_id, images) -> None:
     for threads in args.threads:
-        try:
-            measure_throughput(args, device_id, images, threads, decode_once=True)
-        except Exception as e:  # noqa: BLE001 - e.g. a decoder inside a DALI conditional refused on the GPU
-            emit(check="throughput", ok=False, threads=threads, decode_once=True,
-                 error=f"{type(e).__name__}: {str(e)[:1500]}")
-            measure_throughput(args, device_id, images, threads, decode_once=False)
+        measure_throughput(args, device_id, images, threads, decode_once=args.decode_once)
 
 
 def measure_throughput(args, device_id, images, threads: int, decode_once: bool) -> None:
@@ -151,7 +216,8 @@ def check_bf16(args, device_id, images) -> None:
     policy = dataclasses.replace(preset("simclr", size=args.size), dtype="bfloat16")
     b = args.batch
     step = raw_step(0, images[: b - 1] + [b""])  # the last entry is padding
-    loader = DaliPairLoader(FixedSource([step]), policy, device_id=device_id, num_threads=args.threads[-1])
+    loader = DaliPairLoader(FixedSource([step]), policy, device_id=device_id, num_threads=args.threads[-1],
+                            decode_once=args.decode_once)
     loader.set_epoch(0)
     (batch,) = list(loader)
     v1, v2 = batch.view1, batch.view2
@@ -176,7 +242,7 @@ def check_corrupt(args, device_id, images) -> None:
     steps = [raw_step(0, [good[0], b"", truncated, good[1], zero_size, good[2]]),
              raw_step(1, good[:3] + [bogus] + good[4:]), raw_step(2, good)]
     loader = DaliPairLoader(FixedSource(steps), AugmentPolicy(size=args.size), device_id=device_id,
-                            num_threads=args.threads[-1])
+                            num_threads=args.threads[-1], decode_once=args.decode_once)
     loader.set_epoch(0)
     out = list(loader)
     valid = [b.valid.tolist() for b in out]
@@ -186,7 +252,7 @@ def check_corrupt(args, device_id, images) -> None:
          valid=valid, zeros_where_invalid=zeros, corrupt_skipped=loader.corrupt_skipped,
          pipeline_builds=loader.pipeline_builds)
     loader = DaliPairLoader(FixedSource(steps), AugmentPolicy(size=args.size), device_id=device_id,
-                            num_threads=args.threads[-1], on_corrupt="error")
+                            num_threads=args.threads[-1], on_corrupt="error", decode_once=args.decode_once)
     loader.set_epoch(0)
     try:
         list(loader)
@@ -211,7 +277,7 @@ def check_semantics(args, device_id, images) -> None:
 
     def run(view, dev, both=False):
         loader = DaliPairLoader(FixedSource(step), AugmentPolicy(size=args.size, views=(view, view)),
-                                device_id=dev, num_threads=args.threads[-1])
+                                device_id=dev, num_threads=args.threads[-1], decode_once=args.decode_once)
         loader.set_epoch(0)
         (batch,) = list(loader)
         views = torch.cat([batch.view1, batch.view2]) if both else batch.view1
@@ -259,14 +325,23 @@ def main() -> int:
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--goal", type=float, default=10000.0)
     ap.add_argument("--checks", nargs="+", default=["throughput", "bf16", "corrupt", "semantics"])
+    ap.add_argument("--decode-once", choices=("auto", "on", "off"), default="auto",
+                    help="auto: the decode_mode check runs first and chooses for every later check")
     args = ap.parse_args()
+    checks = [c for c in args.checks if c != "decode_mode"]
+    if args.decode_once == "auto":
+        args.decode_once = False  # what the later checks get if decode_mode itself fails
+        checks.insert(0, "decode_mode")
+    else:
+        args.decode_once = args.decode_once == "on"
+        emit(check="decode_mode", ok=True, decode_once=args.decode_once, reason="given by --decode-once")
     device_id = None if args.device == "cpu" else int(args.device)
     t0 = time.perf_counter()
     images = synthetic_jpegs(args.images, args.size)
     emit(check="data", images=len(images), mean_bytes=int(np.mean([len(b) for b in images])),
          seconds=round(time.perf_counter() - t0, 2))
     failed = 0
-    for name in args.checks:
+    for name in checks:
         try:
             globals()[f"check_{name}"](args, device_id, images)
         except Exception as e:  # noqa: BLE001 - one broken check must not hide the others

@@ -6,12 +6,14 @@ DALI input, our NT-Xent and LARS; one JSON line. Goal (issue 5): >= 2,500 pairs/
 
 The GPU machine has no DeepSpeed, so this is the trainer's step without the engine: the same model,
 loss, optimizer and input pipeline (bench/train.py shows the engine itself costs nothing measurable).
+--decode-once is the choice bench/gpu_dali_bench.py's decode_mode check made (bench/gpu_check.sh passes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,12 +40,15 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=12)
+    ap.add_argument("--decode-once", choices=("on", "off"), default="on",
+                    help="DaliPairLoader(decode_once=...): the decoder inside a DALI conditional (on) or not (off)")
     a = ap.parse_args()
     cuda = a.device != "cpu"
     device = torch.device(f"cuda:{a.device}" if cuda else "cpu")
     policy = preset("simclr", size=a.size)
     source = ListPairSource(synthetic_jpegs(a.images, a.size), a.batch, a.warmup + a.steps)
-    loader = DaliPairLoader(source, policy, device_id=int(a.device) if cuda else None, num_threads=a.threads)
+    loader = DaliPairLoader(source, policy, device_id=int(a.device) if cuda else None, num_threads=a.threads,
+                            decode_once=a.decode_once == "on")
     backbone = build_backbone(a.depth, 1, channels_last=True)
     model = ContrastiveModel(backbone, ProjectionHead(backbone.feature_dim, 2048, 128, layers=3)).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -66,13 +71,16 @@ def main() -> int:
         if i >= a.warmup:
             times.append(time.perf_counter() - start)
     loop, wall = sum(times), (time.perf_counter() - t0) if t0 else 0.0
+    finite = bool(losses) and all(math.isfinite(v) for v in losses)
+    pairs_per_s = round(a.batch * len(times) / wall, 1) if wall else None
     print(json.dumps({"check": "train_step", "model": f"resnet{a.depth}x1", "size": a.size, "batch": a.batch,
                       "precision": "bf16-autocast", "channels_last": True, "input": "dali",
+                      "decode_once": a.decode_once == "on",
                       "device": str(device), "steps": len(times),
-                      "pairs_per_s": round(a.batch * len(times) / wall, 1) if wall else None,
+                      "pairs_per_s": pairs_per_s,
                       "pairs_per_s_compute": round(a.batch * len(times) / loop, 1) if loop else None,
-                      "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
-                      "goal_pairs_per_s": 2500}))
+                      "ok": finite, "finite": finite, "goal_pairs_per_s": 2500,
+                      "goal_met": bool(pairs_per_s >= 2500) if cuda and pairs_per_s else None}))
     return 0
 
 
