@@ -170,6 +170,7 @@ class Trainer:
                 if stop or self.step % t.checkpoint_every == 0 or self.step == self.total_steps:
                     last_saved = self._save()
                 if stop:
+                    preemption.saved(last_saved, self.step, main)  # the Slurm template's requeue marker
                     if main:
                         log.warning("%s received (by %d of %d ranks): checkpoint %s saved, exiting with status %d "
                                     "(rerun the same command to resume)", stop, preemption.ranks_received,
