@@ -7,6 +7,7 @@ runs here differ from it only in what leaves the weights alone (loader workers, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,6 +43,28 @@ def _warnings(output: str, pattern: str) -> list[str]:
     return [line for line in output.splitlines() if "WARNING" in line and re.search(pattern, line)]
 
 
+@contextlib.contextmanager
+def _sigint_as_in_a_terminal():
+    """Start children with SIGINT at its default, as a shell does for the command it runs in the foreground.
+    A child inherits an ignored (or blocked) signal, and pytest itself may have it so: a non-interactive
+    shell starts its background commands (`make test &`, CI wrappers) with SIGINT and SIGQUIT ignored. The
+    deepspeed command then ignores the Ctrl-C too, waits for launch.py and exits with its status, 1
+    (`launch/demo.sh` does this on purpose, docs/training.md); that, not load, failed the Ctrl-C test once.
+    A Python handler here is reset to the default by exec in the child; both are restored afterwards."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, handler)
+
+
+def _ignores_sigint(pid: int) -> bool:
+    fields = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+    return any(int(fields[key], 16) & (1 << (signal.SIGINT - 1)) for key in ("SigIgn", "SigBlk"))
+
+
 @pytest.fixture(scope="module")
 def sigterm_then_ctrl_c(shards, tmp_path_factory):
     """One run, two launches: SIGTERM to the group of the first at step 2 or later; the rerun (which resumes)
@@ -50,7 +73,9 @@ def sigterm_then_ctrl_c(shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sigterm")
     run_dir, seen = tmp / "run", []
     for sig, log, step in ((signal.SIGTERM, tmp / "sigterm.log", 2), (signal.SIGINT, tmp / "ctrl-c.log", None)):
-        proc = start_logged("deepspeed", run_dir, shards, *STEPS, log=log)
+        with _sigint_as_in_a_terminal():
+            proc = start_logged("deepspeed", run_dir, shards, *STEPS, log=log)
+        assert not _ignores_sigint(proc.pid)  # the deepspeed command, as a terminal would start it
         wait_for_step(run_dir, step or seen[0][2] + 2, proc)
         rc = signal_group(proc, sig)  # SIGINT to the group is what Ctrl-C in a terminal does
         seen.append((rc, log.read_text(), _checkpoint_step(run_dir), losses(run_dir)))
@@ -80,7 +105,11 @@ def test_ctrl_c_checkpoints_with_one_line_and_no_rank_tracebacks(sigterm_then_ct
     # handler on one node); it exits of SIGINT (130 in a shell).
     tracebacks = output.split("Traceback (most recent call last):")[1:]
     assert len(tracebacks) <= 1 and all("deepspeed/launcher/runner.py" in t for t in tracebacks), output[-3000:]
-    assert rc == -signal.SIGINT
+    # Guaranteed whatever the load, since the command does not ignore SIGINT (the fixture sees to it): the
+    # KeyboardInterrupt interrupts runner.py's Popen.wait(), which waits 0.25 s more for launch.py and raises it
+    # again, and Python exits by re-sending SIGINT to itself. launch.py's own path (SIGTERM to each rank's tree,
+    # up to 30 s, then SIGKILL, then exit 1) only sets the status when runner.py outlives it: with SIGINT ignored.
+    assert rc == -signal.SIGINT, output[-3000:]
 
 
 @pytest.fixture(scope="module")
