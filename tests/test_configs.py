@@ -14,7 +14,9 @@ import yaml
 ALL = sorted((REPO / "configs").glob("*.yaml"))
 # Evaluation configs (launch/finetune.py) name a protocol; the others are pretraining runs.
 EVAL = [p for p in ALL if "protocol" in (yaml.safe_load(p.read_text()) or {})]
-CONFIGS = [p for p in ALL if p not in EVAL]
+# Study configs (launch/study.py) are loaded and checked by test_study.py.
+STUDY = [p for p in ALL if "study_dir" in (yaml.safe_load(p.read_text()) or {})]
+CONFIGS = [p for p in ALL if p not in EVAL and p not in STUDY]
 
 
 @pytest.mark.parametrize("path", EVAL, ids=[p.stem for p in EVAL])
