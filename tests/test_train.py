@@ -97,14 +97,9 @@ def test_bad_configuration_is_one_clear_line(shards, tmp_path, overrides, needle
     assert "Traceback" not in proc.stderr
 
 
-def test_lars_under_deepspeed_equals_plain_single_process_lars(reference, shards):
-    """What the trainer accepts with LARS (ZeRO 0, 2 ranks, global BN) must equal plain LARS in one process
-    on the concatenated batch: the same losses and the same weights after the reference's 8 steps (warmup
-    and cosine decay, two epochs, each ending in a padded batch whose padding no BN statistic counts).
-
-    The plain run is in float64: the exact answer, which the float32 trainer must be within rounding of. A
-    float32 plain run is the one that strays here (layer3.1.bn2's weight and bias, 3e-5 to 5e-4 off the
-    float64 run from step 3 on, where the trainer, with its two-pass BN statistics, stays within 1e-6)."""
+def _plain_lars(shards, dtype):
+    """Plain LARS in one process on the concatenated batch of the reference's two ranks, in `dtype`:
+    (the global loss of each step, the final backbone state_dict)."""
     from medssl_scale.augment.policy import policy_from_config
     from medssl_scale.augment.torchvision_backend import TorchvisionAugmenter
     from medssl_scale.config import load_config
@@ -119,7 +114,7 @@ def test_lars_under_deepspeed_equals_plain_single_process_lars(reference, shards
     cfg = load_config("configs/debug_cpu.yaml", [f"data.shards={shards}", *FAST, *REFERENCE])
     steps = cfg.train.steps
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, "cpu").double()  # no process group: masked BN over the whole (concatenated) batch
+    model = build_model(cfg, "cpu").to(dtype)  # no process group: masked BN over the whole (concatenated) batch
     optimizer = build_optimizer(cfg, model)
     augment = TorchvisionAugmenter(policy_from_config(cfg.augment))
     shardset = ShardSet.open(str(shards), "train")
@@ -127,12 +122,12 @@ def test_lars_under_deepspeed_equals_plain_single_process_lars(reference, shards
     sources = [ShardPairSource(shardset, r, 2, micro, cfg.data.mode, cfg.seed) for r in range(2)]
     assert sources[0].steps_per_epoch() < steps  # the run goes on into the next epoch, as the trainer's loader
     ranks = [itertools.chain.from_iterable(map(source.batches, itertools.count())) for source in sources]
-    expected, padded = [], 0
+    losses_, padded = [], 0
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, peak_lr(cfg), cfg.optim.warmup_steps, steps, cfg.optim.final_lr)
         parts = [augment(next(r)) for r in ranks]
-        x = torch.cat([p["view1"] for p in parts] + [p["view2"] for p in parts]).double()
+        x = torch.cat([p["view1"] for p in parts] + [p["view2"] for p in parts]).to(dtype)
         valid = torch.cat([p["valid"] for p in parts])
         # The padding of an epoch's last batch enters no BN statistics (the trainer masks it on every rank).
         padded += not bool(valid.all())
@@ -144,14 +139,32 @@ def test_lars_under_deepspeed_equals_plain_single_process_lars(reference, shards
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-        expected.append(float(out.global_loss))
+        losses_.append(float(out.global_loss))
     assert padded == 2, padded  # steps 4 and 8: the last batch of each epoch
+    return losses_, model.encoder_state_dict()
+
+
+def test_lars_under_deepspeed_equals_plain_single_process_lars(reference, shards):
+    """What the trainer accepts with LARS (ZeRO 0, 2 ranks, global BN) must equal plain LARS in one process
+    on the concatenated batch: the same losses and the same weights after the reference's 8 steps (warmup
+    and cosine decay, two epochs, each ending in a padded batch whose padding no BN statistic counts).
+
+    The exact answer is the plain run in float64. How close a float32 run can be is measured, not guessed:
+    the same plain run in float32 strays from it by rounding alone, and by step 8 of this trajectory that
+    is already 1e-5 of the loss and 4e-4 of a BN weight (measured 2026-12-03; an earlier trajectory stayed
+    within 1e-6). The trainer must be as close as that float32 run, within a factor for its other
+    summation orders (two ranks, two-pass global BN statistics). A real difference (a step's learning
+    rate, a missed mask, a gradient scaled by the world size) is orders of magnitude larger from step 1."""
+    exact, exact_state = _plain_lars(shards, torch.float64)
+    rounded, rounded_state = _plain_lars(shards, torch.float32)
     got = [v for _, v in losses(reference)]
-    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert len(got) == len(exact)
+    for step, (g, e, r) in enumerate(zip(got, exact, rounded), start=1):
+        assert abs(g - e) <= 4 * abs(r - e) + 1e-6 * abs(e), (step, g, e, r)
     encoder = torch.load(reference / "encoder.pt", weights_only=True)["state_dict"]
-    plain = model.encoder_state_dict()
-    worst = max((encoder[k] - plain[k].float()).abs().max().item() for k in encoder if encoder[k].is_floating_point())
-    assert worst < 1e-5, worst
+    off = {k: (encoder[k] - exact_state[k].float()).abs().max().item() for k in encoder if encoder[k].is_floating_point()}
+    rounding = max((rounded_state[k] - exact_state[k].float()).abs().max().item() for k in off)
+    assert max(off.values()) <= 4 * rounding + 1e-5, (max(off, key=off.get), max(off.values()), rounding)
 
 
 def test_export_on_demand_from_an_earlier_checkpoint(reference, tmp_path):
