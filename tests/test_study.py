@@ -79,20 +79,23 @@ def encoders(tmp_path_factory):
 
 # ---------------------------------------------------------------- config and cells
 
-def test_the_demo_config_loads_and_expands_to_its_eight_cells(encoders):
+def test_the_demo_config_loads_and_expands_to_its_twelve_cells(encoders):
     from medssl_scale.study.cells import expand, init_digests
     from medssl_scale.study.config import load_study_config
 
-    s = load_study_config(str(REPO / "configs" / "study_demo.yaml"), [f"inits.micle={encoders / 'encoder.pt'}"])
+    s = load_study_config(str(REPO / "configs" / "study_demo.yaml"),
+                          [f"inits.simclr={encoders / 'encoder.pt'}", f"inits.micle={encoders / 'encoder.pt'}"])
     cells = expand(s, init_digests(s))
-    assert [c.name for c in cells] == [f"{i}/linear/f{f}/s{seed}" for i in ("random", "micle")
+    assert [c.name for c in cells] == [f"{i}/linear/f{f}/s{seed}" for i in ("random", "simclr", "micle")
                                        for f in ("0.5", "1.0") for seed in (0, 1)]
     assert all(Path(c.dir).is_relative_to(s.study_dir) for c in cells) and Path(s.study_dir).is_absolute()
     assert cells[0].config.label_fraction == 0.5 and cells[1].config.label_fraction == 0.5
     assert cells[2].config.label_fraction is None  # 1.0: every training patient, no draw
     assert cells[0].config.task.mapping == {"AP": "AP Supine"} and cells[0].config.data.val_split is None
     assert cells[4].encoder == str(encoders / "encoder.pt") and cells[0].encoder is None
-    assert len({c.config_hash for c in cells}) == 8
+    assert cells[8].encoder == str(encoders / "encoder.pt")
+    # simclr and micle name the same file here: equal configs, in folders of their own
+    assert len({c.config_hash for c in cells}) == 8 and len({c.dir for c in cells}) == 12
     assert {c.config.feature_cache for c in cells} == {str(Path(s.study_dir) / ".feature-cache")}
     assert "launch/study.py" in (REPO / "configs" / "study_demo.yaml").read_text()
 

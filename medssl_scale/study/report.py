@@ -142,7 +142,8 @@ def headline_json(heads: list[Headline], metric: str) -> str:
                                        "ci_low": p.low, "ci_high": p.high}
     return json.dumps({"metric": metric, "headline": [
         {"protocol": h.protocol, "init": h.init, "baseline": h.baseline, "fraction": h.fraction,
-         "reached": point(h.reached), "baseline_at_1": point(h.target), "best": point(h.best), "note": h.note}
+         "reached": point(h.reached), "baseline_at_1": point(h.target), "best": point(h.best), "note": h.note,
+         "sentence": sentence(h, metric)}
         for h in heads]}, indent=2) + "\n"
 
 
