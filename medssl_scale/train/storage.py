@@ -65,6 +65,22 @@ def load_encoder(url: str) -> dict:
     return read_encoder(url, "model.init_encoder")[0]
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it, which would race
+    with files other threads create meanwhile)."""
+    import os
+
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_torch_save(obj, path) -> None:
     """torch.save to a local `path` that never holds a partial file: written aside, then renamed.
 
@@ -80,4 +96,7 @@ def atomic_torch_save(obj, path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     with os.fdopen(fd, "wb") as f:
         f.write(buf.getvalue())
+    # mkstemp makes the file 0600; give it the mode a plain open() would (umask applied), so a feature cache
+    # or an encoder in a shared folder is readable by the group as the user's other files are.
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
