@@ -116,12 +116,45 @@ def test_a_cell_yaml_gives_the_eval_job_the_cells_hash_and_prepare_keeps_only_it
     (cell.dir / "checkpoints" / "last.pt").write_bytes(b"x")
     prepare(cell)
     assert (cell.dir / "checkpoints" / "last.pt").exists()
-    # The same folder under another config (here: other bootstrap settings) is emptied first.
+    # The same folder under another config (here: other bootstrap settings) is moved aside first, not deleted.
     other = expand(load_study_config(str(tmp_path / "s.yaml"), ["base.overrides.report.n_resamples=300"]),
                    init_digests(s))[3]
     assert other.dir == cell.dir and other.config_hash != cell.config_hash
     prepare(other)
     assert not (cell.dir / "checkpoints").exists() and (cell.dir / "cell.yaml").exists()
+    assert (cell.dir.with_name(cell.dir.name + ".stale-1") / "checkpoints" / "last.pt").exists()
+
+
+def test_a_result_on_other_shards_at_the_same_path_is_not_done(tmp_path, monitor_shards):
+    import shutil
+
+    from medssl_scale.study.cells import expand, init_digests, is_done, prepare
+    from medssl_scale.study.config import load_study_config
+
+    shards = tmp_path / "shards"
+    shutil.copytree(monitor_shards, shards)
+    s = load_study_config(str(write_study(tmp_path / "s.yaml", shards)), [])
+    cell = expand(s, init_digests(s))[0]
+    prepare(cell)
+    _fake_result(cell, 0.7)
+    assert is_done(cell)
+    # Rebuilt at the same path (here: the manifest rewritten): the eval config and its hash are the same...
+    manifest = shards / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"tool_version"', '"rebuilt": true, "tool_version"'))
+    again = expand(s, init_digests(s))[0]
+    assert again.config_hash == cell.config_hash and again.data_sha256 != cell.data_sha256
+    assert not is_done(again)  # ...but the result is of the old build: redone
+    prepare(again)
+    assert (cell.dir.with_name(cell.dir.name + ".stale-1") / "metrics.json").exists()  # and kept aside
+
+
+def test_a_dry_run_and_aggregation_leave_the_submitted_cell_list_alone(monitor_shards, tmp_path):
+    config = write_study(tmp_path / "s.yaml", monitor_shards)
+    study_dir = tmp_path / "study"
+    assert study("--config", config, "--dry-run").returncode == 0
+    assert not (study_dir / "cells.json").exists() and not (study_dir / "study.yaml").exists()
+    assert study("--config", config, "--aggregate-only", "fractions=[1.0]").returncode == 1  # nothing done yet
+    assert not (study_dir / "cells.json").exists()
 
 
 def test_nested_and_dotted_overrides_are_the_same_and_mappings_are_replaced(tmp_path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +41,7 @@ class Cell:
     encoder_sha256: str | None         # the file's sha256 now: metrics.json's encoder_hash must equal it
     config_hash: str
     config: EvalConfig | None = field(default=None, repr=False)  # None: read back from cells.json
+    data_sha256: str | None = None     # sha256 of the shards' manifest.json (it lists every shard's sha256)
 
     @property
     def name(self) -> str:
@@ -58,12 +58,13 @@ class Cell:
     @classmethod
     def from_dict(cls, d: dict) -> "Cell":
         return cls(d["index"], d["init"], d["protocol"], d["fraction"], d["seed"], Path(d["dir"]), d["encoder"],
-                   d["encoder_sha256"], d["config_hash"])
+                   d["encoder_sha256"], d["config_hash"], data_sha256=d.get("data_sha256"))
 
     def as_dict(self) -> dict:
         return {"index": self.index, "init": self.init, "protocol": self.protocol, "fraction": self.fraction,
                 "seed": self.seed, "name": self.name, "dir": str(self.dir), "encoder": self.encoder,
-                "encoder_sha256": self.encoder_sha256, "config_hash": self.config_hash}
+                "encoder_sha256": self.encoder_sha256, "config_hash": self.config_hash,
+                "data_sha256": self.data_sha256}
 
 
 def file_sha256(url: str) -> str:
@@ -115,9 +116,18 @@ def cell_config(study: StudyConfig, init: str, protocol: str, fraction: float, s
     return cfg
 
 
+def manifest_sha256(shards: str) -> str | None:
+    """The build's identity: a rebuilt shard set at the same path is other data (None: no manifest yet,
+    which validation reports)."""
+    try:
+        return file_sha256(shards.rstrip("/") + "/manifest.json")
+    except OSError:
+        return None
+
+
 def expand(study: StudyConfig, digests: dict[str, str | None]) -> list[Cell]:
     """The cross product inits x protocols x fractions x seeds, in that order (the index is the array id)."""
-    cells = []
+    cells, builds = [], {}
     root = Path(study.study_dir) / "cells"
     for init in study.inits:
         for protocol in study.protocols:
@@ -125,8 +135,10 @@ def expand(study: StudyConfig, digests: dict[str, str | None]) -> list[Cell]:
                 for seed in study.seeds:
                     d = root / init / protocol / f"f{float(fraction)!r}" / f"s{seed}"
                     cfg = cell_config(study, init, protocol, float(fraction), seed, d)
+                    if cfg.data.shards not in builds:
+                        builds[cfg.data.shards] = manifest_sha256(cfg.data.shards)
                     cells.append(Cell(len(cells), init, protocol, float(fraction), seed, d, study.inits[init],
-                                      digests.get(init), cfg.content_hash(), cfg))
+                                      digests.get(init), cfg.content_hash(), cfg, builds[cfg.data.shards]))
     return cells
 
 
@@ -146,6 +158,10 @@ def metrics_of(cell: Cell) -> dict | None:
         return None
     if not all((cell.dir / name).exists() for name in WRITTEN_AFTER_METRICS):
         return None
+    # The eval job records the shards by path only: the folder's marker says which build it ran on.
+    prepared = read_json(cell.dir / "cell.json") or {}
+    if cell.data_sha256 is not None and prepared.get("data_sha256", cell.data_sha256) != cell.data_sha256:
+        return None
     return m
 
 
@@ -154,24 +170,30 @@ def is_done(cell: Cell) -> bool:
 
 
 def identity(cell: Cell) -> dict:
-    return {"config_hash": cell.config_hash, "encoder_sha256": cell.encoder_sha256}
+    return {"config_hash": cell.config_hash, "encoder_sha256": cell.encoder_sha256, "data_sha256": cell.data_sha256}
 
 
 def prepare(cell: Cell) -> Path:
-    """Make the folder ready to run the cell; returns cell.yaml. A folder prepared for another config or
-    encoder is emptied first: its outputs are stale and a fine-tune checkpoint in it would be refused (or,
-    made from an older encoder file at the same path, resumed from the wrong weights). A folder prepared for
-    this very cell is kept: a fine-tune killed midway resumes from its checkpoint."""
+    """Make the folder ready to run the cell; returns cell.yaml. A folder prepared for another config,
+    encoder or shard build is moved aside first (to `<folder>.stale-N`, never deleted: its results are valid
+    for what it ran): a fine-tune checkpoint in it would be refused (or, made from an older encoder file at
+    the same path, resumed from the wrong weights). A folder prepared for this very cell is kept: a fine-tune
+    killed midway resumes from its checkpoint."""
     marker = cell.dir / "cell.json"
     before = read_json(marker)
     if cell.dir.exists() and (before is None or {k: before.get(k) for k in identity(cell)} != identity(cell)):
         if before is not None or (cell.dir / "metrics.json").exists() or (cell.dir / "checkpoints").exists():
-            shutil.rmtree(cell.dir)
+            n = 1
+            while cell.dir.with_name(f"{cell.dir.name}.stale-{n}").exists():
+                n += 1
+            cell.dir.rename(cell.dir.with_name(f"{cell.dir.name}.stale-{n}"))
     cell.dir.mkdir(parents=True, exist_ok=True)
     path = cell.dir / "cell.yaml"
     path.write_text(f"# the eval config of study cell {cell.name} (launch/finetune.py --config {path})\n"
                     + dump_eval_config(cell.config))
-    marker.write_text(json.dumps({**cell.as_dict(), **identity(cell)}, indent=2, sort_keys=True) + "\n")
+    tmp = marker.with_name(".cell.json.tmp")  # whole or absent: a cut marker would look like another cell's
+    tmp.write_text(json.dumps({**cell.as_dict(), **identity(cell)}, indent=2, sort_keys=True) + "\n")
+    tmp.replace(marker)
     return path
 
 

@@ -37,14 +37,19 @@ def load(config: str, overrides: list[str], full_checks: bool = True) -> Plan:
         metric = validate(study, cells)
     else:  # aggregation only: the cells' own metrics.json say what the data were
         metric = resolve_metric(study, cells[0].config.task.type, None)
-    check_run_dir(study.study_dir)
-    d = Path(study.study_dir)
+    check_run_dir(study.study_dir, "study_dir")
+    return Plan(study, cells, metric)
+
+
+def record(plan: Plan) -> None:
+    """study.yaml and cells.json, written only when cells are run or submitted (not by --dry-run or
+    --aggregate-only): queued Slurm array tasks find their cell through cells.json."""
+    study, d = plan.study, Path(plan.study.study_dir)
     # The resolved config (absolute paths): `--config <study_dir>/study.yaml` is this study from anywhere.
     tmp = d / ".study.yaml.tmp"
     tmp.write_text("# the resolved study config, written by launch/study.py\n" + dump_study_config(study))
     tmp.replace(d / "study.yaml")
-    write_cells_json(study, cells, d / "cells.json")
-    return Plan(study, cells, metric)
+    write_cells_json(study, plan.cells, d / "cells.json")
 
 
 def aggregate_and_report(plan: Plan, log=print, console=None) -> int:
@@ -125,6 +130,7 @@ def run_study(config: str, overrides: list[str], *, aggregate_only: bool = False
         return 0
     if aggregate_only:
         return aggregate_and_report(plan, log)
+    record(plan)
     if s.backend == "slurm" and pending:
         from .slurm import submit
 
