@@ -24,7 +24,7 @@ import torch.nn.functional as nnf
 from ..augment.policy import PolicyError, checked_view
 from ..config import ConfigError
 from ..evaluate.metrics import metric_arrays
-from ..optim import LARS, lars_param_groups
+from ..optim import make_optimizer
 from ..optim.schedule import lr_at
 from ..train.preempt import Preemption
 from ..train.storage import atomic_torch_save
@@ -91,14 +91,8 @@ def _train_mode(model: Classifier) -> None:
 def build_optimizer(cfg: EvalConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     f = cfg.finetune
     # Frozen parameters are left out; BN and biases without weight decay, as in pretraining.
-    groups = [g for g in lars_param_groups(model, f.weight_decay) if g["params"]]
-    if f.optimizer == "lars":
-        return LARS(groups, lr=f.lr, momentum=f.momentum, eta=0.001)
-    for g in groups:
-        g.pop("lars_exclude", None)
-    if f.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=f.lr, momentum=f.momentum)
-    return torch.optim.AdamW(groups, lr=f.lr)
+    return make_optimizer(f.optimizer, model, lr=f.lr, weight_decay=f.weight_decay, momentum=f.momentum,
+                          trainable_only=True)
 
 
 def loss_fn(task: str, logits: torch.Tensor, target: torch.Tensor, smoothing: float,

@@ -7,7 +7,7 @@ import torch
 from ..config import RunConfig
 from ..distributed.batchnorm import convert_to_masked_bn, make_global_bn
 from ..models import ContrastiveModel, ProjectionHead, build_backbone
-from ..optim import LARS, lars_param_groups, scaled_lr
+from ..optim import make_optimizer, scaled_lr
 from ..config import ConfigError
 from .storage import read_encoder
 
@@ -47,13 +47,6 @@ def peak_lr(cfg: RunConfig) -> float:
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = lars_param_groups(model, o.weight_decay)
-    lr = peak_lr(cfg)
-    if o.name == "lars":
-        # SimCLR's TF LARS puts the learning rate inside the momentum buffer.
-        return LARS(groups, lr=lr, momentum=o.momentum, eta=0.001, lr_in_velocity=True)
-    for g in groups:  # BN and biases excluded from weight decay for every optimizer
-        g.pop("lars_exclude", None)
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
-    return torch.optim.AdamW(groups, lr=lr, betas=o.betas)
+    # SimCLR's TF LARS puts the learning rate inside the momentum buffer.
+    return make_optimizer(o.name, model, lr=peak_lr(cfg), weight_decay=o.weight_decay, momentum=o.momentum,
+                          betas=o.betas, lars_lr_in_velocity=True)
