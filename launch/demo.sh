@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The paper's recipe end to end on the chest x-ray sample that ships in data/sample_cxr, in one run folder
 # (runs/demo), on a laptop-class machine in minutes:
-#   1. shards: the sample packed by patient (medssl-shard build, verify, inspect), 70% of the patients for
+#   -  shards: the sample packed by patient (medssl-shard build, verify, inspect), 70% of the patients for
 #      pretraining, 30% held out as `val`, labelled by finding and view (the monitor's and the study's labels);
-#   2. simclr: SimCLR pretraining (one image, two views), labels unused;
-#   3. micle: MICLe pretraining (two images of one patient) initialized from the SimCLR encoder;
+#   1. simclr: SimCLR pretraining (one image, two views), labels unused;
+#   2. micle: MICLe pretraining (two images of one patient) initialized from the SimCLR encoder;
 #      both stages run configs/debug_cpu.yaml through the real deepspeed launcher (2 CPU processes with gloo
 #      where there is no GPU, the GPU where there is one), with its kNN monitor on the held-out patients;
-#   4. study: the label-efficiency study (configs/study_demo.yaml: a linear probe at half and all of the
+#   3. study: the label-efficiency study (configs/study_demo.yaml: a linear probe at half and all of the
 #      training patients, 2 seeds, random init against both encoders);
 # then a table of what each stage wrote and measured (launch/demo_report.py).
 set -euo pipefail

@@ -48,15 +48,15 @@ def main(root: str) -> int:
     manifest = json.loads((root / "shards" / "manifest.json").read_text())
     splits = ", ".join(f"{name} {s['patients']} patients / {s['images']} images"
                        for name, s in manifest["splits"].items() if s["images"])
-    table.add_row("1 shards", f"{root}/shards", splits, str(seconds.get("shards", "")))
-    for i, name in ((2, "simclr"), (3, "micle")):
+    table.add_row("shards", f"{root}/shards", splits, str(seconds.get("shards", "")))
+    for i, name in ((1, "simclr"), (2, "micle")):
         run = root / name
         table.add_row(f"{i} {name}", f"{run}/encoder.pt\n{run}/metrics.jsonl\n{run}/metrics.png",
                       _pretraining(run), str(seconds.get(name, "")))
     study = root / "study"
     headline = json.loads((study / "headline.json").read_text())
     said = "\n".join(h["sentence"].replace("**", "") for h in headline.get("headline", []) if h.get("sentence"))
-    table.add_row("4 study", f"{study}/label_efficiency.csv\n{study}/label_efficiency.png\n{study}/summary.md",
+    table.add_row("3 study", f"{study}/label_efficiency.csv\n{study}/label_efficiency.png\n{study}/summary.md",
                   said or json.dumps(headline)[:300], str(seconds.get("study", "")))
     console = Console()
     console.print(table)
