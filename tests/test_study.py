@@ -418,3 +418,24 @@ def test_a_study_runs_its_cells_once_and_resumes_what_is_missing(monitor_shards,
     assert [(r["init"], r["fraction"], r["status"]) for r in rows] == [
         (i, f, "failed" if f == "0.02" else "done") for i in ("random", "micle") for f in ("0.02", "0.5", "1.0")]
     assert "## Missing cells (2)" in (d / "summary.md").read_text()
+
+
+def test_the_aggregation_job_keeps_the_accounting_arguments_but_not_the_gpu_requests():
+    from medssl_scale.study.slurm import aggregation_args
+
+    assert aggregation_args(["--account=rad", "--gres=gpu:1", "--qos=low", "--gpus-per-task=1", "--mem=32G"]) == \
+        ["--account=rad", "--qos=low", "--mem=32G"]
+
+
+def test_a_null_metric_is_reported_with_its_reason_and_a_signal_stop_is_named(tmp_path):
+    from medssl_scale.study.aggregate import collect
+    from medssl_scale.study.cells import expand, init_digests
+    from medssl_scale.study.config import load_study_config
+    from medssl_scale.study.runner import describe
+
+    s = load_study_config(str(write_study(tmp_path / "s.yaml", tmp_path / "shards")), [])
+    cell = expand(s, init_digests(s))[0]
+    _fake_result(cell, 0.7)
+    (row,) = collect([cell], "auc/PA", s.study_dir)  # written as null: one class absent from the test set
+    assert row["status"] == "done" and row.get("value") is None and "auc/PA is null in metrics.json" in row["error"]
+    assert describe({"rc": -10, "log": "L", "seconds": 1.0}).startswith("stopped by SIGUSR1")

@@ -69,6 +69,8 @@ def collect(cells: list[Cell], metric: str, study_dir: str | Path) -> list[dict]
                 row["error"] = f"metrics.json has no {metric!r} (it has {', '.join(row['metrics'])})"
             else:
                 row.update(value=_num(mine.get("value")), ci_low=_num(mine.get("low")), ci_high=_num(mine.get("high")))
+                if row["value"] is None:
+                    row["error"] = f"{metric} is null in metrics.json (undefined on this test set)"
             for key in ("n_train_images", "n_train_patients", "n_val_images", "n_test_images", "n_test_patients",
                         "encoder", "encoder_hash", "config_hash"):
                 row[key] = m.get(key)

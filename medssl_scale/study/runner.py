@@ -78,6 +78,12 @@ def describe(status: dict) -> str:
         return f"done in {status['seconds']:.1f} s"
     if rc == RESUMABLE:
         return f"stopped by a signal (exit 99), checkpoint saved: the next run resumes it; log: {status['log']}"
+    if rc < 0:  # the cell's process died of a signal (a linear/kNN cell has no checkpoint): redone next run
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return f"stopped by {name} (no result; the next run redoes it); log: {status['log']}"
     return f"FAILED (exit {rc}): {status['error']}; log: {status['log']}"
 
 

@@ -48,6 +48,12 @@ def _common(study: StudyConfig) -> list[str]:
     return args
 
 
+def aggregation_args(cell_args: list[str]) -> list[str]:
+    """The cells' extra sbatch arguments (an --account or --qos the cluster requires) apply to the aggregation
+    too, but not their GPU requests: it only reads metrics.json files."""
+    return [a for a in cell_args if not a.startswith(("--gpus", "--gres", "--gpu", "--mem-per-gpu"))]
+
+
 def sbatch(args: list[str], env: dict) -> str:
     try:
         res = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env, cwd=REPO)
@@ -80,8 +86,11 @@ def submit(study: StudyConfig, pending: list[Cell], done: list[Cell], log=print)
         log(f"study: submitted {len(wave)} cell(s) as array job {job} (--array={spec})"
             + (f", after job {':'.join(after)}" if after else ""))
         jobs["arrays"].append({"job": job, "array": spec, "cells": [c.index for c in wave]})
+        jobs["cells"] = [a["job"] for a in jobs["arrays"]]
+        (out / "jobs.json").write_text(json.dumps(jobs, indent=2) + "\n")  # what is queued, should a later sbatch fail
         after.append(job)
     agg = sbatch([*_common(study), "--cpus-per-task=1", "--job-name=medssl-study-aggregate",
+                  *aggregation_args(study.slurm.args),
                   *([f"--dependency=afterany:{':'.join(after)}"] if after else []),
                   f"--output={out}/aggregate-%j.out", str(SBATCH), study.study_dir, "--aggregate"], env)
     log(f"study: aggregation job {agg} runs when the cells have ended; results in {study.study_dir}")
