@@ -184,6 +184,8 @@ def test_nested_and_dotted_overrides_are_the_same_and_mappings_are_replaced(tmp_
     (["metric=auc_mean"], "metric='auc_mean' is not a metric of this multiclass task"),
     (["fractons=[0.5]"], "did you mean 'fractions'"),
     (["slurm.time=24:00:00"], "quote it"),
+    (["slurm.time=30"], "quote it"),
+    (["slurm.time=bogus"], "is not a Slurm time"),
     (["workers=0"], "workers=0: must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_cell(monitor_shards, encoders, tmp_path, capsys, overrides,

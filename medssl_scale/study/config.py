@@ -176,8 +176,11 @@ def load_study_config(path: str | None, overrides: list[str] = ()) -> StudyConfi
     tree = load_tree(path, overrides)
     slurm_time = (tree.get("slurm") or {}).get("time") if isinstance(tree.get("slurm"), dict) else None
     if isinstance(slurm_time, int) and not isinstance(slurm_time, bool):
-        raise ConfigError(f"slurm.time: YAML read {slurm_time!r} as a number (unquoted h:mm:ss is base 60): "
-                          f"quote it, e.g. slurm.time='\"04:00:00\"' or time: \"04:00:00\"")
+        raise ConfigError(f"slurm.time: YAML read {slurm_time!r} as a number (an unquoted 30 or 4:00:00): quote "
+                          f"it as Slurm's time string, e.g. time: \"30\" (minutes) or time: \"04:00:00\"")
+    if isinstance(slurm_time, str) and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", slurm_time.strip()):
+        raise ConfigError(f"slurm.time={slurm_time!r} is not a Slurm time: minutes, mm:ss, hh:mm:ss, d-hh, "
+                          f"d-hh:mm or d-hh:mm:ss")
     base = tree.get("base")
     if isinstance(base, dict) and isinstance(base.get("overrides"), dict):
         base["overrides"] = flatten_overrides(base["overrides"])
