@@ -101,6 +101,18 @@ class PreprocessConfig:
     std: list[float] | None = None
 
 
+def check_preprocess(p: PreprocessConfig, prefix: str, null_size: str) -> None:
+    """The preprocess keys of the evaluation job and the monitor, one line per mistake."""
+    if p.size is not None and p.size < 8:
+        raise ConfigError(f"{prefix}preprocess.size={p.size}: must be at least 8 pixels (null: {null_size})")
+    if not 0 < p.crop_fraction <= 1:
+        raise ConfigError(f"{prefix}preprocess.crop_fraction={p.crop_fraction}: must be in (0, 1]")
+    for key in ("mean", "std"):
+        v = getattr(p, key)
+        if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
+            raise ConfigError(f"{prefix}preprocess.{key} must list 3 values (std positive), got {v}")
+
+
 @dataclass
 class MonitorConfig:
     """A learning signal during pretraining: the current encoder's kNN (and linear probe) on labelled shards."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..config import ConfigError, PreprocessConfig, TaskConfig, build_config, load_tree  # sections shared with the monitor
+from ..config import ConfigError, PreprocessConfig, TaskConfig, build_config, check_preprocess, load_tree  # sections shared with the monitor
 
 PROTOCOLS = ("linear", "knn", "finetune")
 
@@ -124,18 +124,11 @@ def _check(cfg: EvalConfig) -> EvalConfig:
         raise ConfigError("data.batch_size and finetune.batch_size must be at least 1")
     if cfg.data.workers < 0:
         raise ConfigError("data.workers must be >= 0")
-    if cfg.preprocess.size is not None and cfg.preprocess.size < 8:
-        raise ConfigError(f"preprocess.size={cfg.preprocess.size}: must be at least 8 pixels (null: the encoder's size)")
+    check_preprocess(cfg.preprocess, "", "the encoder's size")
     if cfg.model.width is not None and cfg.model.width < 1:
         raise ConfigError(f"model.width={cfg.model.width}: must be at least 1 (null: the encoder's)")
     if cfg.encoder is not None and not str(cfg.encoder).strip():
         raise ConfigError("encoder is empty: name an encoder.pt or a state_dict file, or write encoder=null for random init")
-    if not 0 < cfg.preprocess.crop_fraction <= 1:
-        raise ConfigError(f"preprocess.crop_fraction={cfg.preprocess.crop_fraction}: must be in (0, 1]")
-    for key in ("mean", "std"):
-        v = getattr(cfg.preprocess, key)
-        if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
-            raise ConfigError(f"preprocess.{key} must list 3 values (std positive), got {v}")
     if not cfg.linear.l2_grid or min(cfg.linear.l2_grid) <= 0:
         raise ConfigError("linear.l2_grid must list positive L2 strengths")
     if not cfg.knn.k or min(cfg.knn.k) < 1 or not cfg.knn.temperature or min(cfg.knn.temperature) <= 0:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, check_preprocess
 from ..distributed.batchnorm import set_batch_mask
 from ..distributed.ranks import RankGroup
 from ..evaluate.knn import knn_scores
@@ -53,15 +53,7 @@ def check_monitor_config(cfg: RunConfig) -> None:
             raise ConfigError(f"monitor.{key}={getattr(m, key)}: must be at least {low}")
     if m.temperature <= 0 or m.linear_l2 <= 0:
         raise ConfigError("monitor.temperature and monitor.linear_l2 must be positive")
-    p = m.preprocess
-    if p.size is not None and p.size < 8:
-        raise ConfigError(f"monitor.preprocess.size={p.size}: must be at least 8 pixels (null: augment.size)")
-    if not 0 < p.crop_fraction <= 1:
-        raise ConfigError(f"monitor.preprocess.crop_fraction={p.crop_fraction}: must be in (0, 1]")
-    for key in ("mean", "std"):
-        v = getattr(p, key)
-        if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
-            raise ConfigError(f"monitor.preprocess.{key} must list 3 values (std positive), got {v}")
+    check_preprocess(m.preprocess, "monitor.", "augment.size")
 
 
 @dataclass
